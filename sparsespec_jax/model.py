@@ -1,0 +1,136 @@
+"""One decoder for the Llama and Qwen families, as a Flax NNX module over a paged KV cache.
+
+Per-layer weights are stacked on a leading layer axis and run with lax.scan, so compile time does not grow
+with depth. The KV cache lives outside the module and is threaded through the scan; attention is supplied by
+the caller (vanilla, draft or verify flavour) so one decoder serves every step kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsespec_jax.config import ModelConfig, param_shapes, validate_params
+from sparsespec_jax.kv_cache import KVCache
+from sparsespec_jax.rope import apply_rope, inverse_frequencies
+
+LAYER_PREFIX = "layers."
+
+# attend(q [N, Hq, D], k_pool, v_pool, layer, layer_inputs) -> (out [N, Hq, D], per-layer outputs pytree)
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerStack(nnx.Module):
+    """All decoder layers' weights, each stacked over layers: [L, ...]."""
+
+    def __init__(self, weights: Mapping[str, jax.Array]):
+        self.names = tuple(sorted(weights))
+        for name, value in weights.items():
+            setattr(self, name, nnx.Param(value))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], dtype=jnp.float32):
+        validate_params(cfg, params, source="model parameters")
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        cast = lambda a: jnp.asarray(a, dtype=self.dtype)
+        self.embed = nnx.Param(cast(params["embed"]))
+        self.final_norm = nnx.Param(cast(params["final_norm"]))
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(cast(params["lm_head"]))
+        self.layers = LayerStack({name[len(LAYER_PREFIX):]: cast(value) for name, value in params.items()
+                                  if name.startswith(LAYER_PREFIX)})
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVCache, write_slots: jax.Array,
+                 attend: AttendFn, layer_inputs: Any = None):
+        """Run the flat token batch through all layers: (final hidden [N, D], kv, stacked per-layer outputs)."""
+        cfg = self.cfg
+        n = tokens.shape[0]
+        inv_freq = jnp.asarray(inverse_frequencies(cfg), jnp.float32)
+        x = self.embed[...][tokens]
+
+        def layer(carry, xs):
+            x, k_pool, v_pool = carry
+            w, layer_index, inputs = xs
+            h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+            q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+            if cfg.attention_bias:
+                q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+            q = q.reshape(n, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm:
+                q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+            k_pool = k_pool.at[layer_index, :, write_slots].set(k.astype(k_pool.dtype))
+            v_pool = v_pool.at[layer_index, :, write_slots].set(v.astype(v_pool.dtype))
+            attn, outputs = attend(q, k_pool, v_pool, layer_index, inputs)
+            x = x + attn.reshape(n, -1).astype(x.dtype) @ w["wo"]
+            h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+            x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+            return (x, k_pool, v_pool), outputs
+
+        xs = (self.layers.arrays(), jnp.arange(cfg.num_layers, dtype=jnp.int32), layer_inputs)
+        (x, k_pool, v_pool), outputs = jax.lax.scan(layer, (x, kv.k, kv.v), xs)
+        hidden = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return hidden, KVCache(k=k_pool, v=v_pool, page_size=kv.page_size), outputs
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Vocabulary logits in float32 for hidden states [..., D]."""
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+
+
+def random_params(cfg: ModelConfig, seed: int, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
+    """Random weights of the right shapes (benchmarks of large configurations); norms start at one."""
+    key = jax.random.key(seed)
+    params = {}
+    for i, (name, shape) in enumerate(sorted(param_shapes(cfg).items())):
+        if name.endswith("norm"):
+            params[name] = jnp.ones(shape, dtype)
+        else:
+            fan_in = shape[-2] if len(shape) >= 2 and name != "embed" else shape[-1]
+            params[name] = (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+                            * fan_in ** -0.5).astype(dtype)
+    return params
+
+
+def forward_tokens(cfg: ModelConfig, params: Mapping[str, Any], token_ids, dtype=jnp.float32,
+                   page_size: int = 16) -> np.ndarray:
+    """Logits [T, V] of one token sequence through the engine's decoder and paged attention (for checks)."""
+    from sparsespec_jax.attention import AttentionMetadata, paged_attention
+
+    token_ids = np.asarray(token_ids, np.int32)
+    num_tokens = len(token_ids)
+    num_pages = -(-num_tokens // page_size)
+    model = Transformer(cfg, params, dtype)
+    kv = KVCache.create(cfg, num_pages + 1, page_size, dtype)
+    page_table = np.arange(1, num_pages + 1, dtype=np.int32)[None, :]
+    positions = np.arange(num_tokens, dtype=np.int32)
+    meta = AttentionMetadata(
+        q_start=jnp.zeros(1, jnp.int32), q_len=jnp.full(1, num_tokens, jnp.int32),
+        kv_len=jnp.full(1, num_tokens, jnp.int32), page_tables=jnp.asarray(page_table),
+        write_slots=jnp.asarray(page_table[0, positions // page_size] * page_size + positions % page_size),
+        page_size=page_size, max_q_len=num_tokens)
+
+    def attend(q, k_pool, v_pool, layer, _):
+        out, _ = paged_attention("reference", q, k_pool, v_pool, layer, meta)
+        return out, None
+
+    hidden, _, _ = model(jnp.asarray(token_ids), jnp.asarray(positions), kv, meta.write_slots, attend)
+    return np.asarray(model.logits(hidden))
