@@ -1,0 +1,245 @@
+"""`sparsespec` command line: generate (one prompt or a resumable JSONL batch) and convert checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_REQUEST_ERRORS, EXIT_INVALID_JOB = 0, 1, 2
+SAMPLING_FIELDS = {"temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
+                   "max_tokens": int, "stop": list, "ignore_eos": bool}
+
+
+class JobError(Exception):
+    """The whole job is invalid (bad flag, unreadable file): nothing can run."""
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="registry name, .gguf file, HF or converted directory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--kv-cache-tokens", type=int, default=16384)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--engine-seed", type=int, default=0, help="seeds requests that give no seed")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsespec", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate completions")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="a single prompt; the completion is printed")
+    source.add_argument("--input", type=Path, help="JSONL file, one {\"prompt\": ..., \"id\"?: ...} per line")
+    gen.add_argument("--output", type=Path, help="JSONL results (required with --input; rerun to resume)")
+    gen.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    gen.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    add_engine_flags(gen)
+    add_sampling_flags(gen)
+
+    conv = commands.add_parser("convert", help="convert a checkpoint to the fast-loading orbax format")
+    conv.add_argument("src", help="registry name, .gguf file or HF directory")
+    conv.add_argument("dst", type=Path, help="output directory")
+    return parser
+
+
+def sampling_from_args(args, overrides: dict[str, Any] | None = None):
+    from sparsespec_jax.sampling import SamplingParams
+
+    fields = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                  max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    fields.update(overrides or {})
+    if isinstance(fields["stop"], list):
+        fields["stop"] = tuple(fields["stop"])
+    return SamplingParams(**fields)
+
+
+def parse_request_line(line: str, number: int) -> tuple[str, str, dict[str, Any]]:
+    """(id, prompt, sampling overrides) of one JSONL line; ValueError names the field at fault."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("field 'prompt' must be a non-empty string")
+    request_id = record.get("id", number)
+    if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+        raise ValueError("field 'id' must be a string or an integer")
+    overrides = {}
+    for name, kind in SAMPLING_FIELDS.items():
+        if name in record:
+            value = record[name]
+            if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+                raise ValueError(f"field {name!r} has the wrong type ({type(value).__name__})")
+            overrides[name] = value
+    unknown = sorted(set(record) - set(SAMPLING_FIELDS) - {"prompt", "id"})
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}")
+    return str(request_id), prompt, overrides
+
+
+def read_done_ids(output: Path) -> set[str]:
+    """Ids already written to an earlier run's output; a torn last line (a crash mid-write) is dropped."""
+    if not output.exists():
+        return set()
+    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    done, kept = set(), []
+    for line in lines:
+        try:
+            done.add(str(json.loads(line)["id"]))
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if len(kept) != len(lines) or (lines and not lines[-1].endswith("\n")):
+        output.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
+    return done
+
+
+def make_llm(args):
+    from sparsespec_jax.llm import LLM
+    from sparsespec_jax.loading import DEFAULT_MODEL
+
+    return LLM(args.model or DEFAULT_MODEL, dtype=args.dtype, max_batch_size=args.max_batch_size,
+               kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_model_len=args.max_model_len,
+               attention_backend=args.attention_backend, seed=args.engine_seed)
+
+
+def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
+    output_tokens = sum(len(o.token_ids) for o in outputs)
+    drafted = sum(o.stats.drafted_tokens for o in outputs)
+    accepted = sum(o.stats.accepted_tokens for o in outputs)
+    verifies = sum(o.stats.verifies for o in outputs)
+    return {
+        "model": llm.model_name, "requests": len(outputs), "errors": errors,
+        "output_tokens": output_tokens, "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
+        "wall_s": round(wall_s, 4), "tokens_per_s": round(output_tokens / wall_s, 2) if wall_s > 0 else None,
+        "load_s": round(llm.load_seconds, 3), "steps": llm.engine.num_steps,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+        "drafted_tokens": drafted, "accepted_tokens": accepted, "verifies": verifies,
+        "acceptance_mean": round(accepted / verifies, 4) if verifies else None,
+    }
+
+
+def run_single(args) -> int:
+    llm = make_llm(args)
+    params = sampling_from_args(args)
+    started = time.perf_counter()
+    [output] = llm.generate([args.prompt], params, chat=args.chat)
+    summary = summarize([output], time.perf_counter() - started, llm, 0)
+    if args.json:
+        print(json.dumps({**summary, "text": output.text, "finish_reason": output.finish_reason}))
+    else:
+        print(output.text)
+        print(f"\n[{summary['output_tokens']} tokens, {summary['tokens_per_s']} tok/s, "
+              f"finish_reason={output.finish_reason}, load {summary['load_s']} s]", file=sys.stderr)
+    return EXIT_OK
+
+
+def run_batch(args) -> int:
+    if args.output is None:
+        raise JobError("--output is required with --input")
+    if not args.input.is_file():
+        raise JobError(f"--input: {args.input} is not a readable file")
+    done = read_done_ids(args.output)
+    jobs, error_records, seen = [], [], set(done)
+    for number, line in enumerate(args.input.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            request_id, prompt, overrides = parse_request_line(line, number)
+            if request_id in seen:
+                if request_id in done:
+                    continue
+                raise ValueError(f"duplicate id {request_id!r}")
+            seen.add(request_id)
+            jobs.append((request_id, prompt, sampling_from_args(args, overrides), number))
+        except ValueError as err:
+            error_records.append({"id": _best_id(line, number),
+                                  "line": number, "error": f"{args.input}:{number}: {err}"})
+
+    llm = make_llm(args)
+    valid = []
+    for request_id, prompt, params, number in jobs:
+        try:
+            llm.engine.validate(llm.encode_prompt(prompt, args.chat), params, request_id)
+            valid.append((request_id, prompt, params))
+        except ValueError as err:
+            error_records.append({"id": request_id, "line": number, "error": f"{args.input}:{number}: {err}"})
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("a", encoding="utf-8") as sink:
+        for record in error_records:
+            sink.write(json.dumps(record) + "\n")
+        sink.flush()
+
+        def write(output) -> None:
+            record = {"id": output.request_id, "prompt": output.prompt, "text": output.text,
+                      "finish_reason": output.finish_reason, "prompt_tokens": len(output.prompt_token_ids),
+                      "output_tokens": len(output.token_ids), "stats": output.stats.as_dict()}
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+
+        started = time.perf_counter()
+        outputs = llm.generate([p for _, p, _ in valid], [s for _, _, s in valid], chat=args.chat,
+                               request_ids=[i for i, _, _ in valid], use_tqdm=True, on_output=write)
+    summary = summarize(outputs, time.perf_counter() - started, llm, len(error_records))
+    summary["skipped_done"] = len(done)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{summary['requests']} requests, {summary['output_tokens']} tokens in {summary['wall_s']} s "
+              f"({summary['tokens_per_s']} tok/s), {len(error_records)} errors, {len(done)} already done",
+              file=sys.stderr)
+    return EXIT_REQUEST_ERRORS if error_records else EXIT_OK
+
+
+def _best_id(line: str, number: int) -> str:
+    try:
+        value = json.loads(line).get("id", number)
+        return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else str(number)
+    except (json.JSONDecodeError, AttributeError):
+        return str(number)
+
+
+def run_convert(args) -> int:
+    from sparsespec_jax.loading import convert_checkpoint
+
+    started = time.perf_counter()
+    path = convert_checkpoint(args.src, args.dst)
+    print(f"converted {args.src} -> {path} in {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            return run_convert(args)
+        return run_batch(args) if args.input is not None else run_single(args)
+    except (JobError, ValueError, FileNotFoundError) as err:
+        print(f"sparsespec: error: {err}", file=sys.stderr)
+        return EXIT_INVALID_JOB
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Host-side state of one generation request, and the result handed back to the caller."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"      # not admitted yet, or preempted (its KV freed; recomputed on return)
+    RUNNING = "running"      # owns KV pages and a batch slot
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    steps: int = 0                 # engine iterations this request took part in
+    preemptions: int = 0
+    drafted_tokens: int = 0        # speculative drafts proposed
+    accepted_tokens: int = 0       # drafts accepted by verification
+    verifies: int = 0
+
+    @property
+    def acceptance_mean(self) -> float | None:
+        return self.accepted_tokens / self.verifies if self.verifies else None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["acceptance_mean"] = self.acceptance_mean
+        out["latency_s"] = (self.finish_time - self.arrival_time) if self.finish_time else None
+        out["ttft_s"] = (self.first_token_time - self.arrival_time) if self.first_token_time else None
+        return out
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What generate() returns per prompt, in input order."""
+
+    request_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str            # "stop" (EOS / stop string / stop token) or "length"
+    stats: RequestStats
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.request_id, "text": self.text, "finish_reason": self.finish_reason,
+                "prompt_tokens": len(self.prompt_token_ids), "output_tokens": len(self.token_ids),
+                "token_ids": self.token_ids, "stats": self.stats.as_dict()}
+
+
+class Request:
+    """A prompt being generated: its tokens, how much of them the KV cache holds, and its pages."""
+
+    def __init__(self, request_id: str, prompt: str, prompt_ids: list[int], params, detokenizer, seed: int):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.seed = seed
+        self.detokenizer = detokenizer
+        self.output_ids: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.num_computed = 0          # leading tokens of all_ids whose K/V sit in the cache
+        self.pages: list[int] = []
+        self.draft_slot: int | None = None   # row of the device-resident draft sets while running
+        self.finish_reason: str | None = None
+        self.stats = RequestStats(prompt_tokens=len(prompt_ids), arrival_time=time.perf_counter())
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the newest token still lacks K/V: the next step feeds a prompt chunk."""
+        return self.num_computed < self.num_tokens - 1
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.detokenizer.text,
+                             list(self.output_ids), self.finish_reason or "length", self.stats)

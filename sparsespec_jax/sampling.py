@@ -1,0 +1,224 @@
+"""Per-request sampling on device: parameters, the processed distribution, and batch-independent keys.
+
+Every token is drawn from `processed_log_probs` (temperature, then top-k, then top-p). Greedy decoding
+(temperature 0) is a point mass on the argmax, so speculative acceptance treats it like any other distribution.
+Random keys come from the request's own seed, the absolute token position and a stream id, never from a shared
+per-step key: a request samples the same tokens alone or in any batch, in any row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SEED_LIMIT = 1 << 32
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is outside its allowed range."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples (host side). top_k 0 or -1 and top_p 1 switch truncation off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
+            raise SamplingError(f"temperature: must be a number, got {temperature!r}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise SamplingError(f"temperature: must be finite and >= 0 (0 = greedy), got {temperature!r}")
+        top_p = self.top_p
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating, np.integer)):
+            raise SamplingError(f"top_p: must be a number, got {top_p!r}")
+        if not 0 < top_p <= 1:
+            raise SamplingError(f"top_p: must be in (0, 1], got {top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise SamplingError(f"top_k: must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise SamplingError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise SamplingError(f"seed: must be None or an integer in [0, 2**32), got {self.seed!r}")
+        if isinstance(self.stop, str):
+            raise SamplingError(f"stop: must be a list or tuple of strings, got the string {self.stop!r}")
+        stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise SamplingError(f"stop: every entry must be a non-empty string, got {stop!r}")
+        stop_token_ids = tuple(self.stop_token_ids)
+        if not all(_is_int(t) and t >= 0 for t in stop_token_ids):
+            raise SamplingError(f"stop_token_ids: every entry must be an integer >= 0, got {stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise SamplingError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def derive_seed(default_seed: int, request_index: int) -> int:
+    """Seed of a request that gave none: (default_seed * 1_000_003 + request_index) mod 2**32.
+
+    Deterministic per (engine seed, request index), so a rerun with the same seed reproduces every request.
+    """
+    if not _is_int(default_seed) or not 0 <= default_seed < SEED_LIMIT:
+        raise SamplingError(f"default_seed: must be an integer in [0, 2**32), got {default_seed!r}")
+    if not _is_int(request_index) or request_index < 0:
+        raise SamplingError(f"request_index: must be an integer >= 0, got {request_index!r}")
+    return (default_seed * 1_000_003 + request_index) % SEED_LIMIT
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingArrays:
+    """Per-row sampling parameters as device arrays; padding rows are greedy with seed 0."""
+
+    temperature: jax.Array      # f32[R], 0 = greedy
+    top_p: jax.Array            # f32[R], 1 = off
+    top_k: jax.Array            # i32[R], 0 = off
+    seed: jax.Array             # u32[R]
+
+    @classmethod
+    def from_rows(cls, params: Sequence[SamplingParams], seeds: Sequence[int], num_rows: int) -> "SamplingArrays":
+        """Rows 0..len(params)-1 take params[i] with the resolved seeds[i]; the rest are padding."""
+        if len(seeds) != len(params):
+            raise SamplingError(f"seeds: got {len(seeds)} for {len(params)} sampling params")
+        if not _is_int(num_rows) or num_rows < len(params):
+            raise SamplingError(f"num_rows: must be an integer >= the {len(params)} rows given, got {num_rows!r}")
+        temperature = np.zeros(num_rows, np.float32)
+        top_p = np.ones(num_rows, np.float32)
+        top_k = np.zeros(num_rows, np.int32)
+        seed = np.zeros(num_rows, np.uint32)
+        for i, (p, s) in enumerate(zip(params, seeds)):
+            if not isinstance(p, SamplingParams):
+                raise SamplingError(f"params[{i}]: must be SamplingParams, got {type(p).__name__}")
+            if not _is_int(s) or not 0 <= s < SEED_LIMIT:
+                raise SamplingError(f"seeds[{i}]: must be an integer in [0, 2**32), got {s!r}")
+            temperature[i], top_p[i], top_k[i], seed[i] = p.temperature, p.top_p, max(p.top_k, 0), s
+        return cls(jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k), jnp.asarray(seed))
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], num_rows: int, default_seed: int,
+                    request_indices: Sequence[int] | None = None) -> "SamplingArrays":
+        """Rows with seed None get derive_seed(default_seed, index), index = request_indices[i] or i.
+
+        Pass stable request indices so a request's derived seed does not depend on its place in this batch.
+        """
+        indices = range(len(params)) if request_indices is None else list(request_indices)
+        if len(indices) != len(params):
+            raise SamplingError(f"request_indices: got {len(indices)} for {len(params)} sampling params")
+        seeds = [p.seed if isinstance(p, SamplingParams) and p.seed is not None else derive_seed(default_seed, i)
+                 for p, i in zip(params, indices)]
+        return cls.from_rows(params, seeds, num_rows)
+
+
+class Stream(enum.IntEnum):
+    """Independent random streams of one request at one position."""
+
+    SAMPLE = 0      # plain decode, and the bonus token after a fully accepted draft
+    DRAFT = 1       # a draft step's proposal
+    ACCEPT = 2      # the uniform deciding whether a draft token is accepted
+    RESIDUAL = 3    # the correction token drawn from norm(max(0, p - q)) after a rejection
+
+
+def token_key(seed, position, stream, nonce=0) -> jax.Array:
+    """Key for one draw: fold_in(fold_in(fold_in(key(seed), position), stream), nonce), broadcast elementwise.
+
+    nonce separates repeated draws of one stream at one position (a draft round's start position).
+    """
+    seed, position, stream, nonce = jnp.broadcast_arrays(
+        jnp.asarray(seed, jnp.uint32), jnp.asarray(position, jnp.int32),
+        jnp.asarray(stream, jnp.int32), jnp.asarray(nonce, jnp.int32))
+
+    def one(s, p, st, n):
+        key = jax.random.fold_in(jax.random.key(s), p)
+        return jax.random.fold_in(jax.random.fold_in(key, st), n)
+
+    keys = jax.vmap(one)(seed.ravel(), position.ravel(), stream.ravel(), nonce.ravel())
+    return keys.reshape(seed.shape)
+
+
+def _per_row(param, logits: jax.Array, dtype) -> jax.Array:
+    """Reshape a per-row parameter [R] (or [R, T, ...]) so it broadcasts against logits [R, ..., V]."""
+    param = jnp.asarray(param, dtype)
+    if param.ndim >= logits.ndim or logits.shape[:param.ndim] != param.shape:
+        raise SamplingError(f"sampling parameter of shape {param.shape} does not match the leading axes of "
+                            f"logits {logits.shape}")
+    return param.reshape(param.shape + (1,) * (logits.ndim - param.ndim))
+
+
+def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Smallest scaled logit kept by top-k then top-p: [..., 1]. One sort of the values, no index arrays."""
+    vocab = scaled.shape[-1]
+    descending = -jnp.sort(-scaled, axis=-1)
+    rank = jnp.arange(vocab, dtype=jnp.int32)
+    k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    in_top_k = rank < k
+    probs = jax.nn.softmax(jnp.where(in_top_k, descending, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_top_k & ((mass_before < top_p) | (top_p >= 1))
+    num_kept = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True, dtype=jnp.int32), 1)
+    return jnp.take_along_axis(descending, num_kept - 1, axis=-1)
+
+
+def processed_log_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Log-probs of the distribution a row samples from; -inf outside its support. Shape and axes of logits.
+
+    temperature scales the logits; top-k keeps the k largest; top-p keeps the smallest set of the most probable
+    remaining tokens whose (renormalised) mass reaches top_p, the top token always. Tokens tied with the last
+    kept value are all kept, so the support never depends on vocabulary order. temperature 0 gives the one-hot
+    of the argmax (first index on ties). Parameters are per row ([R]) and broadcast over middle axes.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    temperature = _per_row(temperature, logits, jnp.float32)
+    top_k = _per_row(top_k, logits, jnp.int32)
+    top_p = _per_row(top_p, logits, jnp.float32)
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)
+
+    truncates = ~greedy & (((top_k > 0) & (top_k < logits.shape[-1])) | (top_p < 1))
+    threshold = jax.lax.cond(jnp.any(truncates),
+                             lambda: _truncation_threshold(scaled, top_k, top_p),
+                             lambda: jnp.full(scaled.shape[:-1] + (1,), -jnp.inf, jnp.float32))
+    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    log_probs = masked - jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+    vocab_ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    one_hot = jnp.where(vocab_ids == jnp.argmax(logits, axis=-1, keepdims=True), 0.0, -jnp.inf)
+    return jnp.where(greedy, one_hot, log_probs)
+
+
+def sample_from_log_probs(keys: jax.Array, log_probs: jax.Array) -> jax.Array:
+    """One token per key from log_probs [..., V] (Gumbel-max): int32[...]. A point mass yields its token exactly."""
+    flat_logp = log_probs.reshape(-1, log_probs.shape[-1])
+    tokens = jax.vmap(jax.random.categorical)(keys.ravel(), flat_logp)
+    return tokens.astype(jnp.int32).reshape(log_probs.shape[:-1])
+
+
+def sample_tokens(logits: jax.Array, arrays: SamplingArrays, positions: jax.Array) -> jax.Array:
+    """Sample the token at absolute position positions[r] for every row: logits [R, V] -> int32[R]."""
+    if logits.ndim != 2:
+        raise SamplingError(f"logits: expected [R, V], got shape {logits.shape}")
+    if positions.shape != logits.shape[:1]:
+        raise SamplingError(f"positions: expected shape {logits.shape[:1]}, got {positions.shape}")
+    log_probs = processed_log_probs(logits, arrays.temperature, arrays.top_k, arrays.top_p)
+    return sample_from_log_probs(token_key(arrays.seed, positions, Stream.SAMPLE), log_probs)

@@ -1,0 +1,51 @@
+"""SpecConfig: which draft method the engine uses and its knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+DRAFT_METHODS = ("pillar", "streaming", "ngram", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """method: pillar (PillarAttn sparse self-drafts, default), streaming (sink + recent window of the same
+    budget), ngram (prompt lookup in the request's own tokens) or none (vanilla decoding).
+    k drafts are verified per round; draft steps attend to max(min_budget, ceil(budget_ratio * L)) tokens."""
+
+    method: str = "pillar"
+    k: int = 8
+    budget_ratio: float = 0.05
+    min_budget: int = 128
+    sink_tokens: int = 4
+    ngram_max: int = 3
+    ngram_min: int = 1
+
+    def __post_init__(self):
+        if self.method not in DRAFT_METHODS:
+            raise ValueError(f"draft method: must be one of {DRAFT_METHODS}, got {self.method!r}")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"spec k: must be an integer >= 1, got {self.k!r}")
+        if not isinstance(self.budget_ratio, (int, float)) or not 0 < self.budget_ratio <= 1:
+            raise ValueError(f"budget_ratio: must be in (0, 1], got {self.budget_ratio!r}")
+        if not isinstance(self.min_budget, int) or self.min_budget < 1:
+            raise ValueError(f"min_budget: must be an integer >= 1, got {self.min_budget!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens: must be an integer >= 0, got {self.sink_tokens!r}")
+        if self.sink_tokens >= self.min_budget:
+            raise ValueError(f"sink_tokens ({self.sink_tokens}) must be below min_budget ({self.min_budget})")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram sizes: need 1 <= ngram_min ({self.ngram_min}) <= ngram_max ({self.ngram_max})")
+
+    @property
+    def speculative(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def drafts_with_model(self) -> bool:
+        return self.method in ("pillar", "streaming")
+
+    def max_budget(self, max_model_len: int) -> int:
+        """Largest token set a draft step can be given before its own appended slots."""
+        return min(max_model_len, max(self.min_budget, math.ceil(self.budget_ratio * max_model_len)))

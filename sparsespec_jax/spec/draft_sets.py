@@ -1,0 +1,61 @@
+"""Device-resident draft token sets: per batch slot, per layer and KV head, the positions draft steps attend to.
+
+Positions are logical (0 .. L-1) so they stay valid whatever pages back them; they are mapped to pool slots
+through the row's page table when a round starts. A slot marked dense has no scores yet (right after prefill)
+and drafts with full attention until its first verification.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sparsespec_jax.spec.config import SpecConfig
+from sparsespec_jax.spec.selection import pillar_budget, select_tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DraftSets:
+    positions: jax.Array    # int32 [slots, L, Hkv, capacity]; the first count entries are live
+    count: jax.Array        # int32 [slots]
+    dense: jax.Array        # bool  [slots]
+
+    @classmethod
+    def create(cls, num_slots: int, num_layers: int, num_kv_heads: int, capacity: int) -> "DraftSets":
+        return cls(positions=jnp.zeros((num_slots, num_layers, num_kv_heads, capacity), jnp.int32),
+                   count=jnp.zeros(num_slots, jnp.int32), dense=jnp.ones(num_slots, jnp.bool_))
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[-1]
+
+
+def with_draft_positions(positions, count, start, k: int):
+    """Append the round's k draft positions start .. start+k-1 after each row's live entries: [R, L, Hkv, C]."""
+    index = jnp.arange(positions.shape[-1], dtype=jnp.int32)
+    offset = index[None, :] - count[:, None]                                       # [R, C]
+    appended = (offset >= 0) & (offset < k)
+    value = (start[:, None] + offset)[:, None, None, :]
+    return jnp.where(appended[:, None, None, :], value, positions)
+
+
+def pillar_refresh(scores, kv_len, num_recent, spec: SpecConfig, capacity: int):
+    """New sets from verify scores [L, R, Hkv, S]: newest num_recent kept, best older ones fill the budget."""
+    budget = pillar_budget(kv_len, spec.budget_ratio, spec.min_budget)
+    positions, count = jax.vmap(lambda s: select_tokens(s, kv_len, num_recent, budget, capacity))(scores)
+    return positions.transpose(1, 0, 2, 3), count[0]                               # [R, L, Hkv, C], [R]
+
+
+def streaming_refresh(kv_len, spec: SpecConfig, num_layers: int, num_kv_heads: int, capacity: int):
+    """Sink tokens plus the most recent window, the same budget as pillar, every layer and head alike."""
+    budget = pillar_budget(kv_len, spec.budget_ratio, spec.min_budget)
+    sinks = jnp.minimum(spec.sink_tokens, budget)
+    index = jnp.arange(capacity, dtype=jnp.int32)[None, :]
+    window_start = kv_len[:, None] - (budget - sinks)[:, None]
+    positions = jnp.where(index < sinks[:, None], index, window_start + index - sinks[:, None])
+    positions = jnp.where(index < budget[:, None], positions, 0)
+    positions = jnp.broadcast_to(positions[:, None, None, :], (kv_len.shape[0], num_layers, num_kv_heads, capacity))
+    return positions, budget

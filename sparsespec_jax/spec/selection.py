@@ -1,0 +1,121 @@
+"""PillarAttn token selection (reference semantics): which KV positions each draft step attends to.
+
+After a full-attention verify pass, every older token j of a row is scored per KV head by the mean attention
+probability the verify queries gave it, rematerialised from the pass's log-sum-exp. The newest tokens are always
+kept, the best-scoring older ones fill the budget, and each following draft step appends its own new slot.
+Positions are logical (0 .. kv_len-1); callers map them to pool slots through the row's page table.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+
+# ratio is applied as the nearest fraction with a denominator up to this, so ceil(ratio * kv_len) is exact
+# integer arithmetic (float32 rounding would otherwise move the budget by one at exact multiples).
+RATIO_DENOMINATOR_LIMIT = 10_000
+
+
+class SelectionError(ValueError):
+    """A selection argument has the wrong shape or range."""
+
+
+def pillar_budget(kv_len: jax.Array, ratio: float, min_budget: int) -> jax.Array:
+    """Tokens each row's draft steps attend to (before draft slots): min(kv_len, max(min_budget, ceil(ratio*L)))."""
+    if not 0 <= ratio <= 1:
+        raise SelectionError(f"ratio: must be in [0, 1], got {ratio!r}")
+    if not isinstance(min_budget, int) or min_budget < 0:
+        raise SelectionError(f"min_budget: must be an integer >= 0, got {min_budget!r}")
+    fraction = Fraction(ratio).limit_denominator(RATIO_DENOMINATOR_LIMIT)
+    num, den = fraction.numerator, fraction.denominator
+    kv_len = jnp.asarray(kv_len, jnp.int32)
+    # ceil(num * L / den) without overflow: L = a*den + b  ->  num*a + ceil(num*b / den)
+    whole, rest = kv_len // den, kv_len % den
+    proportional = num * whole + (num * rest + den - 1) // den
+    return jnp.minimum(kv_len, jnp.maximum(min_budget, proportional)).astype(jnp.int32)
+
+
+def pillar_scores(q: jax.Array, keys: jax.Array, lse: jax.Array, q_len: jax.Array, kv_len: jax.Array,
+                  scale: float | None = None) -> jax.Array:
+    """Mean rematerialised attention probability per (row, KV head, key): f32[R, Hkv, S].
+
+    q [R, T, Hq, D]: the verify queries, query t of row r at position kv_len - q_len + t (t < q_len real);
+    keys [R, S, Hkv, D]: the row's keys by logical position; lse [R, T, Hq]: the verify pass's natural-log
+    sum-exp of scale * q.k over each query's visible keys. A key's score averages exp(scale * q.k - lse) over
+    the (query, query head of its group) pairs that can see it; a key no query sees scores 0; j >= kv_len: -inf.
+    """
+    rows, width, num_q_heads, head_dim = q.shape
+    num_keys, num_kv_heads = keys.shape[1], keys.shape[2]
+    if keys.shape[0] != rows or keys.shape[3] != head_dim or num_q_heads % num_kv_heads:
+        raise SelectionError(f"keys: shape {keys.shape} does not fit queries {q.shape} "
+                             f"(need [R, S, Hkv, D] with Hq a multiple of Hkv)")
+    if lse.shape != (rows, width, num_q_heads):
+        raise SelectionError(f"lse: expected shape {(rows, width, num_q_heads)}, got {lse.shape}")
+    for name, value in (("q_len", q_len), ("kv_len", kv_len)):
+        if value.shape != (rows,):
+            raise SelectionError(f"{name}: expected shape {(rows,)}, got {value.shape}")
+    group = num_q_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+
+    queries = q.astype(jnp.float32).reshape(rows, width, num_kv_heads, group, head_dim)
+    logits = jnp.einsum("rtkgd,rskd->rkgts", queries, keys.astype(jnp.float32)) * scale
+    row_lse = lse.astype(jnp.float32).reshape(rows, width, num_kv_heads, group).transpose(0, 2, 3, 1)
+
+    t = jnp.arange(width, dtype=jnp.int32)
+    j = jnp.arange(num_keys, dtype=jnp.int32)
+    query_pos = kv_len[:, None] - q_len[:, None] + t[None, :]                             # [R, T]
+    visible = (j[None, None, :] <= query_pos[:, :, None]) & (t[None, :, None] < q_len[:, None, None])
+    probs = jnp.where(visible[:, None, None], jnp.exp(logits - row_lse[..., None]), 0.0)   # [R, Hkv, G, T, S]
+    total = jnp.sum(probs, axis=(2, 3))                                                    # [R, Hkv, S]
+    pairs = group * jnp.sum(visible, axis=1, dtype=jnp.int32)                              # [R, S]
+    scores = total / jnp.maximum(pairs, 1)[:, None, :].astype(jnp.float32)
+    return jnp.where((j[None, :] < kv_len[:, None])[:, None, :], scores, -jnp.inf)
+
+
+def select_tokens(scores: jax.Array, kv_len: jax.Array, num_recent: jax.Array, budget: jax.Array,
+                  capacity: int):
+    """Positions each (row, KV head) attends to: (positions int32[R, Hkv, capacity], count int32[R]).
+
+    The newest num_recent positions (kv_len - num_recent .. kv_len - 1) are always kept; the rest of the
+    budget goes to the best-scoring older positions (ties: lower position first). count = min(budget, kv_len),
+    raised to num_recent if the budget is smaller and capped at capacity. The first count entries are the
+    chosen positions in ascending order; later entries are 0 (callers mask by count). capacity must leave room
+    for the draft slots append_slot adds later.
+    """
+    if scores.ndim != 3:
+        raise SelectionError(f"scores: expected [R, Hkv, S], got shape {scores.shape}")
+    rows, num_kv_heads, num_keys = scores.shape
+    for name, value in (("kv_len", kv_len), ("num_recent", num_recent), ("budget", budget)):
+        if jnp.shape(value) != (rows,):
+            raise SelectionError(f"{name}: expected shape {(rows,)}, got {jnp.shape(value)}")
+    if not isinstance(capacity, int) or capacity < 1:
+        raise SelectionError(f"capacity: must be a positive integer, got {capacity!r}")
+
+    kv_len = jnp.clip(kv_len.astype(jnp.int32), 0, num_keys)
+    num_recent = jnp.clip(num_recent.astype(jnp.int32), 0, kv_len)
+    older_end = kv_len - num_recent
+    count = jnp.minimum(jnp.clip(budget.astype(jnp.int32), num_recent, kv_len), capacity)
+
+    j = jnp.arange(num_keys, dtype=jnp.int32)
+    older = jnp.where(j[None, None, :] < older_end[:, None, None], scores.astype(jnp.float32), -jnp.inf)
+    _, best = jax.lax.top_k(older, min(capacity, num_keys))                             # [R, Hkv, K]
+
+    slot = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
+    recent = older_end[:, None, None] + slot
+    pick = jnp.take_along_axis(best, jnp.clip(slot - num_recent[:, None, None], 0, best.shape[-1] - 1), axis=-1)
+    chosen = jnp.where(slot < num_recent[:, None, None], recent, pick)
+    live = slot < count[:, None, None]
+    ordered = jnp.sort(jnp.where(live, chosen, num_keys), axis=-1)
+    return jnp.where(live, ordered, 0), count
+
+
+def append_slot(positions: jax.Array, count: jax.Array, new_pos: jax.Array):
+    """Add position new_pos[r] at index count[r] for every KV head (a draft step's own token): (positions, count+1).
+
+    Keeps the live entries ascending, since a new token is newer than every selected one.
+    """
+    index = jnp.arange(positions.shape[-1], dtype=jnp.int32)[None, None, :]
+    updated = jnp.where(index == count[:, None, None], new_pos.astype(positions.dtype)[:, None, None], positions)
+    return updated, count + 1
