@@ -30,10 +30,10 @@ def _raise_exception(message: str):
     raise ChatTemplateError(f"chat template raised: {message}")
 
 
-def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None,
-            sort_keys: bool = False) -> str:
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # jinja2's built-in tojson escapes HTML characters and non-ASCII text; templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(format: str) -> str:
@@ -60,7 +60,7 @@ def _compile(template: str) -> jinja2.Template:
 
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, Sequence) or isinstance(messages, str):
-        raise ChatTemplateError(f"messages: expected a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+        raise ChatTemplateError(f"messages: expected a list of role/content dicts, got {type(messages).__name__}")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise ChatTemplateError(f"messages[{i}]: expected a dict with a string 'role', got {message!r}")

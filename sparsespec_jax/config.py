@@ -85,6 +85,18 @@ def _require(hf: dict[str, Any], key: str, source: str):
     return hf[key]
 
 
+def _rope_fields(hf: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling dict or None) from transformers 5's `rope_parameters` or the older
+    top-level `rope_theta` + `rope_scaling`; transformers 5 writes only the former."""
+    params = hf.get("rope_parameters")
+    if params is None:
+        return float(hf.get("rope_theta", 10000.0)), hf.get("rope_scaling") or None
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        raise ConfigError(f"{source}: rope_parameters must be one object with a 'rope_theta' field "
+                          f"(per-layer-type RoPE is not supported), got {params!r}")
+    return float(params["rope_theta"]), params
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Translate a Hugging Face config.json dict (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)."""
     model_type = _require(hf, "model_type", source)
@@ -94,7 +106,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     num_heads = _require(hf, "num_attention_heads", source)
     hidden = _require(hf, "hidden_size", source)
     head_dim = hf.get("head_dim") or hidden // num_heads
-    scaling = hf.get("rope_scaling") or None
+    rope_theta, scaling = _rope_fields(hf, source)
     rope_scaling = None
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -118,7 +130,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         num_heads=num_heads,
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=head_dim,
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -60,6 +61,28 @@ class EngineConfig:
         resolve_backend(self.attention_backend)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("kv",))
+def decode_step(graphdef, state, kv: KVCache, batch: StepBatch, sampling: SamplingArrays, backend: str):
+    """One plain step: prompt chunks and/or single decode tokens; samples each row's next token."""
+    model = nnx.merge(graphdef, state)
+    meta = batch.meta
+
+    def attend(q, k_pool, v_pool, layer, _):
+        out, _ = paged_attention(backend, q, k_pool, v_pool, layer, meta)
+        return out, None
+
+    hidden, kv, _ = model(batch.tokens, batch.positions, kv, meta.write_slots, attend)
+    logits = model.logits(hidden[batch.logit_tokens])
+    return sample_tokens(logits, sampling, batch.sample_positions), kv
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "backend"), donate_argnames=("kv", "sets"))
+def round_step(graphdef, state, kv: KVCache, sets: DraftSets | None, batch: RoundBatch, sampling: SamplingArrays,
+               spec: SpecConfig, backend: str):
+    """One speculative round (k drafts + verify + acceptance + new draft sets) for the decoding rows."""
+    return speculative_round(nnx.merge(graphdef, state), kv, sets, batch, sampling, spec, backend)
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer, config: EngineConfig = EngineConfig(),
                  spec: SpecConfig = SpecConfig(method="none")):
@@ -89,33 +112,14 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_num_batched_tokens,
                                    config.prefill_chunk_size, decode_lookahead=lookahead,
                                    on_release=self._release_draft_slot)
-        self._step_fn = jax.jit(self._decode_step, donate_argnames=("kv",))
         if spec.speculative:
             # One spare slot past the batch absorbs padding rows' writes.
             self.draft_sets = DraftSets.create(config.max_batch_size + 1, cfg.num_layers, cfg.num_kv_heads,
                                                spec.max_budget(self.max_model_len) + spec.k)
             self._free_draft_slots = list(range(config.max_batch_size - 1, -1, -1))
-            self._round_fn = jax.jit(self._speculative_round, donate_argnames=("kv", "sets"))
+
         self._num_requests = 0
         self.num_steps = 0
-
-    # -- the device step -------------------------------------------------------------------------------
-    def _decode_step(self, state, kv: KVCache, batch: StepBatch, sampling: SamplingArrays):
-        model = nnx.merge(self.graphdef, state)
-        backend, meta = self.backend, batch.meta
-
-        def attend(q, k_pool, v_pool, layer, _):
-            out, _ = paged_attention(backend, q, k_pool, v_pool, layer, meta)
-            return out, None
-
-        hidden, kv, _ = model(batch.tokens, batch.positions, kv, meta.write_slots, attend)
-        logits = model.logits(hidden[batch.logit_tokens])
-        return sample_tokens(logits, sampling, batch.sample_positions), kv
-
-    def _speculative_round(self, state, kv: KVCache, sets: DraftSets, batch: RoundBatch,
-                           sampling: SamplingArrays):
-        model = nnx.merge(self.graphdef, state)
-        return speculative_round(model, kv, sets, batch, sampling, self.spec, self.backend)
 
     def _release_draft_slot(self, request: Request) -> None:
         if request.draft_slot is not None:
@@ -175,7 +179,7 @@ class Engine:
     def _run_step(self, rows: list[ScheduledRow]) -> list[Request]:
         batch = build_step_batch(rows, self.limits)
         sampling = self._sampling_arrays(rows, len(batch.logit_tokens))
-        tokens, self.kv = self._step_fn(self.state, self.kv, batch, sampling)
+        tokens, self.kv = decode_step(self.graphdef, self.state, self.kv, batch, sampling, self.backend)
         tokens = np.asarray(tokens)
         self.num_steps += 1
         return self._commit(rows, tokens)
@@ -212,7 +216,8 @@ class Engine:
                            reset=reset, num_drafts=num_drafts, proposals=proposals, page_size=ps)
         sampling = self._sampling_arrays(rows, num_rows)
         sets = self.draft_sets if spec.drafts_with_model else None
-        tokens, num_emitted, self.kv, sets = self._round_fn(self.state, self.kv, sets, batch, sampling)
+        tokens, num_emitted, self.kv, sets = round_step(self.graphdef, self.state, self.kv, sets, batch, sampling,
+                                                        spec, self.backend)
         if spec.drafts_with_model:
             self.draft_sets = sets
         tokens, num_emitted = np.asarray(tokens), np.asarray(num_emitted)

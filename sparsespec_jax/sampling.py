@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SEED_LIMIT = 1 << 32
+# top-k / top-p cuts are searched among this many largest logits first (a full sort only when they fall short)
+TRUNCATION_CANDIDATES = 1024
 
 
 class SamplingError(ValueError):
@@ -167,18 +169,46 @@ def _per_row(param, logits: jax.Array, dtype) -> jax.Array:
     return param.reshape(param.shape + (1,) * (logits.ndim - param.ndim))
 
 
-def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Smallest scaled logit kept by top-k then top-p: [..., 1]. One sort of the values, no index arrays."""
-    vocab = scaled.shape[-1]
-    descending = -jnp.sort(-scaled, axis=-1)
-    rank = jnp.arange(vocab, dtype=jnp.int32)
-    k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+def _nucleus_threshold(descending: jax.Array, log_norm: jax.Array, k: jax.Array, top_p: jax.Array):
+    """Cut over the largest values (descending [..., W]): (smallest kept value, mass of all W values), [..., 1].
+
+    Sorted index i is kept if i < k and the mass before it is below top_p, so the top value always stays.
+    """
+    rank = jnp.arange(descending.shape[-1], dtype=jnp.int32)
     in_top_k = rank < k
-    probs = jax.nn.softmax(jnp.where(in_top_k, descending, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = in_top_k & ((mass_before < top_p) | (top_p >= 1))
+    probs = jnp.where(in_top_k, jnp.exp(descending - log_norm), 0.0)
+    cumulative = jnp.cumsum(probs, axis=-1)
+    keep = in_top_k & ((cumulative - probs < top_p) | (top_p >= 1))
     num_kept = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True, dtype=jnp.int32), 1)
-    return jnp.take_along_axis(descending, num_kept - 1, axis=-1)
+    return jnp.take_along_axis(descending, num_kept - 1, axis=-1), cumulative[..., -1:]
+
+
+def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, truncates: jax.Array):
+    """Smallest scaled logit kept by top-k then top-p: [..., 1] (-inf where nothing is truncated).
+
+    The cut is taken from the TRUNCATION_CANDIDATES largest values (lax.top_k) whenever they provably contain
+    it (top_k within them, or their mass reaching top_p); only other rows fall back to a full sort. Which path
+    a row uses depends on the row alone, so its distribution never depends on the rest of the batch.
+    """
+    vocab = scaled.shape[-1]
+    width = min(vocab, TRUNCATION_CANDIDATES)
+    k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    rank = jnp.arange(width, dtype=jnp.int32)
+    candidates = jax.lax.top_k(scaled, width)[0]
+    top_k_norm = jax.nn.logsumexp(jnp.where(rank < k, candidates, -jnp.inf), axis=-1, keepdims=True)
+    log_norm = jnp.where(k <= width, top_k_norm, jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+    threshold, covered = _nucleus_threshold(candidates, log_norm, k, top_p)
+    if width < vocab:
+        certified = ~truncates | (k <= width) | ((k >= vocab) & (covered >= top_p))
+
+        def with_full_sort():
+            descending = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)
+            full_rank = jnp.arange(vocab, dtype=jnp.int32)
+            full_norm = jax.nn.logsumexp(jnp.where(full_rank < k, descending, -jnp.inf), axis=-1, keepdims=True)
+            return jnp.where(certified, threshold, _nucleus_threshold(descending, full_norm, k, top_p)[0])
+
+        threshold = jax.lax.cond(jnp.all(certified), lambda: threshold, with_full_sort)
+    return jnp.where(truncates, threshold, -jnp.inf)
 
 
 def processed_log_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -198,7 +228,7 @@ def processed_log_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Arr
 
     truncates = ~greedy & (((top_k > 0) & (top_k < logits.shape[-1])) | (top_p < 1))
     threshold = jax.lax.cond(jnp.any(truncates),
-                             lambda: _truncation_threshold(scaled, top_k, top_p),
+                             lambda: _truncation_threshold(scaled, top_k, top_p, truncates),
                              lambda: jnp.full(scaled.shape[:-1] + (1,), -jnp.inf, jnp.float32))
     masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     log_probs = masked - jax.nn.logsumexp(masked, axis=-1, keepdims=True)

@@ -61,14 +61,15 @@ def silu(x: np.ndarray) -> np.ndarray:
 def forward(cfg: ModelConfig, params: dict, token_ids, rope_layout: str = "rotate_half",
             dtype=np.float64) -> np.ndarray:
     """Logits [T, V] for one sequence, from canonical params ((in, out) projections stacked over layers)."""
-    p = {name: np.asarray(value).astype(dtype) for name, value in params.items()}
     tokens = np.asarray(token_ids)
     T, H, KV, hd = len(tokens), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     freqs = rope_frequencies(cfg)
     causal = np.tril(np.ones((T, T), bool))
-    x = p["embed"][tokens]
+    x = np.asarray(params["embed"])[tokens].astype(dtype)
     for layer in range(cfg.num_layers):
-        w = {name[len("layers."):]: value[layer] for name, value in p.items() if name.startswith("layers.")}
+        # Cast one layer at a time: a float64 copy of a whole real model would not fit comfortably.
+        w = {name[len("layers."):]: np.asarray(value[layer]).astype(dtype)
+             for name, value in params.items() if name.startswith("layers.")}
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
         q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
         if cfg.attention_bias:
@@ -88,9 +89,9 @@ def forward(cfg: ModelConfig, params: dict, token_ids, rope_layout: str = "rotat
         x = x + np.concatenate(heads, axis=-1) @ w["wo"]
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
         x = x + (silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
-    x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps)
-    head = p["embed"].T if cfg.tie_word_embeddings else p["lm_head"]
-    return x @ head
+    x = rms_norm(x, np.asarray(params["final_norm"]).astype(dtype), cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return x @ np.asarray(head).astype(dtype)
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:

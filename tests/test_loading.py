@@ -84,7 +84,8 @@ HF_LAYER_NAMES = {
     "self_attn.v_proj.weight": "layers.wv", "self_attn.o_proj.weight": "layers.wo",
     "self_attn.q_proj.bias": "layers.bq", "self_attn.k_proj.bias": "layers.bk", "self_attn.v_proj.bias": "layers.bv",
     "self_attn.q_norm.weight": "layers.q_norm", "self_attn.k_norm.weight": "layers.k_norm",
-    "mlp.gate_proj.weight": "layers.w_gate", "mlp.up_proj.weight": "layers.w_up", "mlp.down_proj.weight": "layers.w_down",
+    "mlp.gate_proj.weight": "layers.w_gate", "mlp.up_proj.weight": "layers.w_up",
+    "mlp.down_proj.weight": "layers.w_down",
 }
 
 
@@ -185,7 +186,8 @@ GGUF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -201,7 +203,8 @@ def write_gguf_checkpoint(path: Path, hf_config: dict, tensors: dict[str, np.nda
     D = hf_config["hidden_size"]
     writer = gguf.GGUFWriter(str(path), arch)
     fields = {
-        f"{arch}.block_count": hf_config["num_hidden_layers"], f"{arch}.context_length": hf_config["max_position_embeddings"],
+        f"{arch}.block_count": hf_config["num_hidden_layers"],
+        f"{arch}.context_length": hf_config["max_position_embeddings"],
         f"{arch}.embedding_length": D, f"{arch}.feed_forward_length": hf_config["intermediate_size"],
         f"{arch}.attention.head_count": H, f"{arch}.attention.head_count_kv": KV,
         f"{arch}.attention.key_length": hf_config.get("head_dim") or D // H,
@@ -322,6 +325,24 @@ def test_hf_directory_matches_own_mapping(tmp_path, kind, options):
     assert {value.dtype for value in params.values()} == {dtype}
     stored = {name: value.astype(dtype) for name, value in tensors.items()}
     assert_params_equal(params, canonical_from_hf(TINY_HF_CONFIGS[kind], stored))
+
+
+def transformers5_config(hf_config: dict) -> dict:
+    """The same config as transformers 5 writes it: rope_theta and rope_scaling folded into rope_parameters."""
+    v5 = {key: value for key, value in hf_config.items() if key not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {"rope_type": "default", "rope_theta": hf_config["rope_theta"],
+                             **(hf_config.get("rope_scaling") or {})}
+    return v5
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_hf_directory_in_transformers5_config_format(tmp_path, kind):
+    hf_config = transformers5_config(TINY_HF_CONFIGS[kind])
+    tensors = random_hf_tensors(hf_config, seed=1)
+    write_hf_checkpoint(tmp_path, hf_config, tensors)
+    config, params = load_hf_dir(tmp_path)
+    assert config == TINY_EXPECTED_CONFIGS[kind]
+    assert_params_equal(params, canonical_from_hf(hf_config, tensors))
 
 
 def test_hf_ignores_rotary_buffers_and_tied_head_copy(tmp_path):

@@ -135,7 +135,8 @@ def test_decode_rejects_negative_ids_and_id_to_token_checks_range(smollm2):
 
 def test_smollm2_chat_template_renders_chatml(smollm2):
     messages = [{"role": "user", "content": "What is 2+2?"}]
-    default_system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    default_system = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                      "<|im_end|>\n")
     assert smollm2.apply_chat_template(messages) == \
         default_system + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     assert smollm2.apply_chat_template(messages, add_generation_prompt=False) == \
@@ -391,7 +392,8 @@ def test_qwen3_style_thinking_switch():
     assert render_qwen3(messages) == base
     assert render_qwen3(messages, enable_thinking=True) == base
     assert render_qwen3(messages, enable_thinking=False) == base + "<think>\n\n</think>\n\n"
-    assert render_qwen3(messages, add_generation_prompt=False, enable_thinking=False) == base[:-len("<|im_start|>assistant\n")]
+    without_prompt = base[:-len("<|im_start|>assistant\n")]
+    assert render_qwen3(messages, add_generation_prompt=False, enable_thinking=False) == without_prompt
 
 
 def test_qwen3_style_history_reasoning_and_tools():

@@ -93,7 +93,7 @@ def _ragged_paged_attention_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref
     query_tile, split = tile_and_split // kv_splits, tile_and_split % kv_splits
     layer = layer_ref[0]
     num_queries = jnp.minimum(q_len_ref[row], max_q_len)
-    kv_len = kv_len_ref[row]
+    first_query_pos = kv_len_ref[row] - q_len_ref[row]                              # position of query 0
     first_query = query_tile * queries_per_tile
 
     tile_row = jnp.arange(tile_rows, dtype=jnp.int32)
@@ -102,11 +102,11 @@ def _ragged_paged_attention_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref
     token = jnp.where(query_live, q_start_ref[row] + query, 0)
     head = kv_head * group + tile_row % group
     queries = q_ref[token, head, :]                                                   # [M, D]
-    query_pos = kv_len - num_queries + query                                          # causal horizon per tile row
+    query_pos = first_query_pos + query                                               # causal horizon per tile row
 
     # Keys this tile can see end at the last live query's position; the split owns a slice of that range.
     tile_has_queries = first_query < num_queries
-    visible_end = kv_len - num_queries + jnp.minimum(first_query + queries_per_tile, num_queries)
+    visible_end = first_query_pos + jnp.minimum(first_query + queries_per_tile, num_queries)
     visible_end = jnp.where(tile_has_queries, jnp.minimum(visible_end, num_pages * page_size), 0)
     split_start = split * blocks_per_split * block_kv
     split_end = jnp.minimum(visible_end, split_start + blocks_per_split * block_kv)

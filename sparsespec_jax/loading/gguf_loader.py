@@ -208,6 +208,11 @@ def _field(gguf: GGUFFile, key: str, kind: type, default: Any = None):
     raise CheckpointError(f"{gguf.path}: metadata field {key!r} must be a single {kind.__name__}, got {value!r:.80}")
 
 
+def _token_id(gguf: GGUFFile, role: str) -> int | None:
+    key = f"tokenizer.ggml.{role}_token_id"
+    return _field(gguf, key, int) if key in gguf.metadata else None
+
+
 def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     """Translate GGUF metadata (llama, qwen2, qwen3 architectures) into a ModelConfig."""
     arch = _field(gguf, "general.architecture", str)
@@ -230,11 +235,9 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         raise CheckpointError(f"{gguf.path}: missing tensor 'token_embd.weight'")
     # Chat models may end a turn with an end-of-turn token that differs from end-of-sequence: stop on both.
     eos_ids = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
-        token = _field(gguf, key, int) if key in gguf.metadata else None
+    for token in (_token_id(gguf, "eos"), _token_id(gguf, "eot")):
         if token is not None and token not in eos_ids:
             eos_ids.append(token)
-    bos = gguf.metadata.get("tokenizer.ggml.bos_token_id")
     try:
         return ModelConfig(
             arch=arch,
@@ -251,7 +254,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
             attention_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
             max_position_embeddings=_field(gguf, f"{arch}.context_length", int),
-            bos_token_id=None if bos is None else int(bos),
+            bos_token_id=_token_id(gguf, "bos"),
             eos_token_ids=tuple(eos_ids),
         )
     except ConfigError as err:
@@ -291,18 +294,30 @@ def load_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarra
     cfg = config_from_gguf(gguf)
     shapes = param_shapes(cfg)
     params = {name: np.empty(shape, np.float32) for name, shape in shapes.items()}
-    seen = set()
+
+    # Check every name and shape before the (slow) dequantisation: GGUF name -> (canonical, layer).
+    targets = {}
     for name, info in gguf.tensors.items():
         target = _canonical_name(name, cfg.num_layers)
         if target is None or target[0] not in shapes:
             raise CheckpointError(f"{gguf.path}: unexpected tensor {name!r} for a {cfg.arch} model with "
                                   f"{cfg.num_layers} layers")
         canonical, layer = target
-        dst = params[canonical] if layer is None else params[canonical][layer]
-        expected = dst.shape[::-1] if canonical in _PROJECTIONS else dst.shape
+        expected = shapes[canonical][0 if layer is None else 1:]
+        if canonical in _PROJECTIONS:
+            expected = expected[::-1]
         if info.shape != expected:
             raise CheckpointError(f"{gguf.path}: tensor {name!r} has shape {info.shape} (numpy order), "
                                   f"the metadata implies {expected}")
+        targets[name] = target
+    found = set(targets.values())
+    for canonical in shapes:
+        for layer in range(cfg.num_layers) if canonical.startswith("layers.") else [None]:
+            if (canonical, layer) not in found:
+                raise CheckpointError(f"{gguf.path}: missing tensor {_gguf_name(canonical, layer)!r}")
+
+    for name, (canonical, layer) in targets.items():
+        dst = params[canonical] if layer is None else params[canonical][layer]
         weight = gguf.dequantized(name)
         if cfg.arch == "llama" and canonical in ("layers.wq", "layers.wk"):
             heads = cfg.num_heads if canonical == "layers.wq" else cfg.num_kv_heads
@@ -312,9 +327,4 @@ def load_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarra
             dst[...] = weight.T
         else:
             dst[...] = weight
-        seen.add(target)
-    for canonical, shape in shapes.items():
-        for layer in range(cfg.num_layers) if canonical.startswith("layers.") else [None]:
-            if (canonical, layer) not in seen:
-                raise CheckpointError(f"{gguf.path}: missing tensor {_gguf_name(canonical, layer)!r}")
     return cfg, params

@@ -8,6 +8,10 @@ read its bytes. Layout of a converted directory:
     tokenizer.json, tokenizer_config.json   (Tokenizer.save_pretrained)
 
 The format marker keeps this config.json from being mistaken for a Hugging Face one and vice versa.
+Params are written without orbax's default zstd compression (through the PyTree handler, since
+StandardCheckpointer does not expose the option): decompressing is most of the restore time (SmolLM2:
+~0.7 s uncompressed vs ~2 s compressed on 2 CPU cores) while the files are only ~1.5x larger. The
+result is an ordinary orbax PyTree checkpoint, restored with StandardCheckpointer.
 """
 
 from __future__ import annotations
@@ -62,9 +66,9 @@ def save_converted(dst_dir: str | os.PathLike, config: ModelConfig, params: dict
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, {name: np.asarray(value) for name, value in params.items()})
-        checkpointer.wait_until_finished()
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
+            checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(
+                {name: np.asarray(value) for name, value in params.items()}))
         tokenizer.save_pretrained(tmp)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
                     "config": json.loads(config.to_json())}
@@ -96,7 +100,8 @@ def load_converted(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str,
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: parameter checkpoint directory is missing")
     try:
-        restored = ocp.StandardCheckpointer().restore(params_dir)
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(params_dir)
     except Exception as err:  # orbax and tensorstore raise many unrelated types for unreadable data
         raise CheckpointError(f"{params_dir}: cannot restore parameters ({type(err).__name__}: {err})") from err
     params = {name: np.asarray(value) for name, value in restored.items()}

@@ -1,0 +1,4 @@
+from pallas_kernels.pillar_scores.reference import pillar_scores_paged_reference
+from pallas_kernels.pillar_scores.triton_kernel import pillar_scores_paged
+
+__all__ = ["pillar_scores_paged", "pillar_scores_paged_reference"]

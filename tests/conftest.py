@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded SmolLM2 model, loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsespec_jax.engine import Engine, EngineConfig
+from sparsespec_jax.spec.config import SpecConfig
+
+FACTS_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from sparsespec_jax.loading import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def make_engine(smollm2):
+    """Build an engine on the shared SmolLM2 weights: make_engine(method="none", **engine_config_fields)."""
+
+    def build(method: str = "none", spec_k: int = 8, min_budget: int = 128, budget_ratio: float = 0.05,
+              **fields) -> Engine:
+        fields.setdefault("kv_cache_tokens", 8192)
+        fields.setdefault("max_model_len", 2048)
+        spec = SpecConfig(method=method, k=spec_k, min_budget=min_budget, budget_ratio=budget_ratio)
+        return Engine(smollm2.config, smollm2.params, smollm2.tokenizer, EngineConfig(**fields), spec)
+
+    return build
+
+
+def generate(engine: Engine, prompts_ids, params) -> list[list[int]]:
+    """Run prompts (token id lists) through an engine; return each request's output token ids in order."""
+    params = params if isinstance(params, list) else [params] * len(prompts_ids)
+    requests = [engine.add_request(ids, p, str(i)) for i, (ids, p) in enumerate(zip(prompts_ids, params))]
+    engine.run()
+    return [request.output_ids for request in requests]

@@ -1,0 +1,84 @@
+"""PillarAttn score kernel vs its jnp reference, and the reference vs the meaning of a score.
+
+On CPU the kernel runs in Pallas interpret mode, which starts every output buffer as NaN, so an element the
+kernel should write but does not fails the comparison; on a GPU the same tests run the compiled kernel.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference
+from test_kernels_paged_attention import INTERPRET, make_paged_batch
+
+
+def score_inputs(batch, *, page_size, max_q_len):
+    """The batch without v_pool, plus the per-token LSE a verify pass over it produces."""
+    with jax.default_matmul_precision("highest"):
+        _, lse = jax.jit(functools.partial(ragged_paged_attention_reference, page_size=page_size,
+                                           max_q_len=max_q_len))(**batch)
+    inputs = {name: value for name, value in batch.items() if name != "v_pool"}
+    return dict(inputs, lse=lse)
+
+
+def run_both(inputs, *, page_size, max_q_len, **kernel_options):
+    kernel = jax.jit(functools.partial(pillar_scores_paged, page_size=page_size, max_q_len=max_q_len,
+                                       interpret=INTERPRET, **kernel_options))
+    with jax.default_matmul_precision("highest"):
+        expected = jax.jit(functools.partial(pillar_scores_paged_reference, page_size=page_size,
+                                             max_q_len=max_q_len))(**inputs)
+    return np.asarray(kernel(**inputs)), np.asarray(expected)
+
+
+CASES = {
+    # name: (q_lens, kv_lens, Hq, Hkv, head_dim, page_size, max_q_len, kernel options)
+    "verify_k8_g4_page16": ([9, 1, 9, 0], [9, 40, 77, 30], 8, 2, 64, 16, 9, dict(block_kv=32)),
+    "verify_k8_g3_page8_split3": ([9, 9, 5], [130, 21, 50], 9, 3, 64, 8, 9, dict(block_kv=16, kv_splits=3)),
+    "verify_k16_g8_page32_two_pair_tiles": ([17, 4, 17], [17, 90, 70], 16, 2, 64, 32, 17, {}),
+    "verify_k1_g1_d128": ([2, 2, 1], [2, 50, 33], 4, 4, 128, 16, 2, dict(block_kv=16)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_float32(name):
+    q_lens, kv_lens, hq, hkv, head_dim, page_size, max_q_len, options = CASES[name]
+    batch = make_paged_batch(sum(map(ord, name)), q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
+                             head_dim=head_dim, page_size=page_size)
+    inputs = score_inputs(batch, page_size=page_size, max_q_len=max_q_len)
+    scores, expected = run_both(inputs, page_size=page_size, max_q_len=max_q_len, **options)
+    assert scores.shape == expected.shape == (len(q_lens), hkv, batch["page_tables"].shape[1] * page_size)
+    assert not np.isnan(scores).any()
+    np.testing.assert_allclose(scores, expected, atol=1e-6, rtol=2e-5)
+    for row, (q_len, kv_len) in enumerate(zip(q_lens, kv_lens)):
+        seen = kv_len if q_len else 0
+        assert np.isfinite(scores[row, :, :seen]).all() and np.isneginf(scores[row, :, seen:]).all()
+
+
+def test_matches_reference_bfloat16():
+    batch = make_paged_batch(3, [9, 9, 2], [200, 9, 64], num_q_heads=32, num_kv_heads=8, head_dim=128,
+                             page_size=16, dtype=jnp.bfloat16)
+    inputs = score_inputs(batch, page_size=16, max_q_len=9)
+    scores, expected = run_both(inputs, page_size=16, max_q_len=9)
+    np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=2e-2)
+
+
+def test_reference_scores_are_attention_probabilities():
+    """A lone decode query's scores are its softmax: they sum to 1 over the row's keys for every KV head."""
+    batch = make_paged_batch(4, [1, 1], [37, 5], num_q_heads=2, num_kv_heads=2, head_dim=64, page_size=16)
+    inputs = score_inputs(batch, page_size=16, max_q_len=1)
+    with jax.default_matmul_precision("highest"):
+        scores = np.asarray(pillar_scores_paged_reference(**inputs, page_size=16, max_q_len=1))
+    sums = np.where(np.isfinite(scores), scores, 0.0).sum(axis=-1)
+    np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
+
+
+def test_rejects_mismatched_lse():
+    batch = make_paged_batch(2, [1], [5], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16)
+    inputs = score_inputs(batch, page_size=16, max_q_len=1)
+    inputs["lse"] = inputs["lse"][:, :2]
+    with pytest.raises(ValueError, match="lse has shape"):
+        pillar_scores_paged(**inputs, page_size=16, max_q_len=1, interpret=True)

@@ -1,0 +1,200 @@
+"""Sampling parameters, the processed distribution (temperature / top-k / top-p) and batch-independent draws."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from sparsespec_jax.sampling import (TRUNCATION_CANDIDATES, SamplingArrays, SamplingError, SamplingParams, Stream,
+                                     derive_seed, processed_log_probs, sample_tokens, token_key)
+
+processed = jax.jit(processed_log_probs)
+sample = jax.jit(sample_tokens)
+
+
+def reference_support(logits, temperature, top_k, top_p):
+    """Brute-force support and probabilities of one row in float64: (bool[V], probs[V])."""
+    vocab = logits.shape[-1]
+    if temperature == 0:
+        support = np.arange(vocab) == np.argmax(logits)
+        return support, support.astype(np.float64)
+    scaled = logits.astype(np.float64) / temperature
+    ordered = np.sort(scaled)[::-1]
+    k = vocab if top_k <= 0 or top_k >= vocab else top_k
+    probs = np.exp(ordered[:k] - ordered[0])
+    probs /= probs.sum()
+    kept = k if top_p >= 1 else max(int(np.sum(np.cumsum(probs) - probs < top_p)), 1)
+    support = scaled >= ordered[kept - 1]
+    weights = np.where(support, np.exp(scaled - scaled.max()), 0.0)
+    return support, weights / weights.sum()
+
+
+def check_against_reference(logits, temperature, top_k, top_p):
+    out = np.asarray(processed(jnp.asarray(logits), jnp.asarray(temperature, jnp.float32),
+                               jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)))
+    for index in np.ndindex(logits.shape[:-1]):
+        r = index[0]
+        support, probs = reference_support(logits[index], temperature[r], top_k[r], top_p[r])
+        np.testing.assert_array_equal(out[index] > -np.inf, support, err_msg=f"support of row {index}")
+        np.testing.assert_allclose(np.exp(out[index]), probs, rtol=2e-5, atol=1e-7, err_msg=f"row {index}")
+    return out
+
+
+# -- SamplingParams / SamplingArrays -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "1"),
+    ("top_p", 0.0), ("top_p", 1.01), ("top_k", -2), ("top_k", 2.0), ("max_tokens", 0), ("max_tokens", 1.5),
+    ("seed", -1), ("seed", 2 ** 32), ("stop", "eos"), ("stop", [""]), ("stop_token_ids", [-3]),
+    ("ignore_eos", "yes"),
+])
+def test_params_reject_bad_values_naming_the_field(field, value):
+    with pytest.raises(SamplingError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_params_accept_limits_and_normalise_sequences():
+    params = SamplingParams(temperature=0, top_p=1.0, top_k=-1, seed=2 ** 32 - 1, max_tokens=1,
+                            stop=["a", "bc"], stop_token_ids=[7])
+    assert params.stop == ("a", "bc") and params.stop_token_ids == (7,) and params.greedy
+    hash(params)
+
+
+def test_arrays_pad_rows_and_derive_missing_seeds():
+    params = [SamplingParams(temperature=0.5, top_p=0.9, top_k=-1, seed=11), SamplingParams(top_k=40),
+              SamplingParams(temperature=0)]
+    arrays = SamplingArrays.from_params(params, num_rows=5, default_seed=7)
+    np.testing.assert_allclose(arrays.temperature, [0.5, 1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(arrays.top_p, [0.9, 1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(arrays.top_k, [0, 40, 0, 0, 0])
+    np.testing.assert_array_equal(arrays.seed, [11, derive_seed(7, 1), derive_seed(7, 2), 0, 0])
+    assert arrays.seed.dtype == jnp.uint32 and arrays.top_k.dtype == jnp.int32
+    moved = SamplingArrays.from_params(params[1:2], num_rows=1, default_seed=7, request_indices=[1])
+    assert int(moved.seed[0]) == derive_seed(7, 1) != derive_seed(7, 0)
+    with pytest.raises(SamplingError, match="num_rows"):
+        SamplingArrays.from_params(params, num_rows=2, default_seed=0)
+    with pytest.raises(SamplingError, match="seeds"):
+        SamplingArrays.from_rows(params, [1], num_rows=3)
+
+
+# -- processed_log_probs ---------------------------------------------------------------------------------------
+
+def test_top_k_keeps_exactly_the_k_largest_and_broadcasts_over_middle_axes():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 3, 50)).astype(np.float32) * 2
+    top_k = np.array([1, 5, 17, 0, 50, 80])
+    out = check_against_reference(logits, np.full(6, 0.8), top_k, np.ones(6))
+    for r, k in enumerate(top_k):
+        expected = min(k, 50) if k > 0 else 50
+        assert np.all((out[r] > -np.inf).sum(-1) == expected)
+        largest = np.argsort(-logits[r], axis=-1)[:, :expected]
+        assert np.all(np.take_along_axis(out[r], largest, axis=-1) > -np.inf)
+
+
+def test_top_p_keeps_the_minimal_nucleus():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, 4, 40)).astype(np.float32) * 1.5
+    top_p = np.array([0.05, 0.3, 0.6, 0.9, 0.999])
+    out = check_against_reference(logits, np.full(5, 1.1), np.zeros(5, int), top_p)
+    probs = np.exp(out.astype(np.float64))
+    for index in np.ndindex(out.shape[:-1]):
+        full = np.exp(logits[index] / 1.1 - np.max(logits[index] / 1.1))
+        full /= full.sum()
+        kept = out[index] > -np.inf
+        assert full[kept].sum() >= top_p[index[0]] - 1e-6                      # reaches top_p
+        assert full[kept].sum() - full[kept].min() < top_p[index[0]]           # no kept token is superfluous
+        assert probs[index].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_combined_truncation_matches_reference_on_both_search_paths():
+    """V above the candidate window: peaked rows cut among the candidates, flat rows and large k fall back."""
+    rng = np.random.default_rng(2)
+    vocab = TRUNCATION_CANDIDATES + 900
+    spread = np.array([8.0, 8.0, 0.05, 0.05, 8.0, 0.05, 3.0])[:, None, None]
+    logits = (rng.normal(size=(7, 2, vocab)) * spread).astype(np.float32)
+    temperature = np.array([0.7, 1.0, 1.0, 1.3, 0.9, 1.0, 0.0])
+    top_k = np.array([0, 20, 0, 1500, 0, TRUNCATION_CANDIDATES + 100, 5])
+    top_p = np.array([0.9, 0.8, 0.95, 1.0, 1.0, 0.5, 0.5])
+    out = check_against_reference(logits, temperature, top_k, top_p)
+    assert (out[2] > -np.inf).sum(-1).min() > TRUNCATION_CANDIDATES                   # the fallback really ran
+    alone = processed(jnp.asarray(logits[:1]), jnp.asarray(temperature[:1], jnp.float32),
+                      jnp.asarray(top_k[:1], jnp.int32), jnp.asarray(top_p[:1], jnp.float32))
+    np.testing.assert_array_equal(np.asarray(alone)[0], out[0])                       # no batch dependence
+
+
+def test_temperature_zero_is_the_argmax_point_mass():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 5, 30)).astype(np.float32)
+    out = np.asarray(processed(logits, jnp.zeros(4), jnp.array([0, 3, 0, 7]), jnp.array([1.0, 1.0, 0.2, 0.5])))
+    np.testing.assert_array_equal(np.argmax(out, -1), np.argmax(logits, -1))
+    np.testing.assert_array_equal((out == 0).sum(-1), 1)
+    assert np.all((out == 0) | (out == -np.inf))
+
+
+# -- keys and sample_tokens ------------------------------------------------------------------------------------
+
+def test_token_keys_separate_seed_position_stream_and_nonce():
+    base = jax.random.key_data(token_key(5, 10, Stream.SAMPLE))
+    for other in (token_key(6, 10, Stream.SAMPLE), token_key(5, 11, Stream.SAMPLE),
+                  token_key(5, 10, Stream.DRAFT), token_key(5, 10, Stream.SAMPLE, 3)):
+        assert not np.array_equal(jax.random.key_data(other), base)
+    batched = token_key(jnp.array([[5, 6]], jnp.uint32), jnp.array([[10], [11]]), Stream.SAMPLE)
+    assert batched.shape == (2, 2)
+    np.testing.assert_array_equal(jax.random.key_data(batched[0, 0]), base)
+
+
+def test_sampling_is_reproducible_and_independent_of_the_batch():
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(6, 500)).astype(np.float32))
+    params = [SamplingParams(temperature=1.0, seed=s) for s in range(6)]
+    positions = jnp.arange(40, 46, dtype=jnp.int32)
+    tokens = np.asarray(sample(logits, SamplingArrays.from_params(params, 6, 0), positions))
+    assert np.array_equal(tokens, np.asarray(sample(logits, SamplingArrays.from_params(params, 6, 0), positions)))
+    assert len(set(tokens.tolist())) > 3
+    # row 2 moved to the end of a different batch, next to greedy and truncated neighbours
+    other = [SamplingParams(temperature=0), SamplingParams(temperature=0.3, top_k=2, seed=99), params[2]]
+    mixed_logits = jnp.concatenate([logits[4:6] * 3, logits[2:3]])
+    mixed = sample(mixed_logits, SamplingArrays.from_params(other, 3, 0), jnp.array([7, 3, 42], jnp.int32))
+    assert int(mixed[2]) == tokens[2]
+    assert int(mixed[0]) == int(jnp.argmax(mixed_logits[0]))
+
+
+def test_greedy_rows_take_the_argmax():
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(64, 1000)).astype(np.float32))
+    arrays = SamplingArrays.from_params([SamplingParams(temperature=0, top_p=0.5, seed=s) for s in range(64)], 64, 0)
+    np.testing.assert_array_equal(sample(logits, arrays, jnp.arange(64, dtype=jnp.int32)), np.argmax(logits, -1))
+
+
+def assert_matches(counts, probs, label):
+    """Zero counts outside the support and a chi-square fit inside it (p > 0.001)."""
+    support = probs > 0
+    assert counts[~support].sum() == 0, f"{label}: sampled outside the support"
+    if support.sum() > 1:
+        result = stats.chisquare(counts[support], probs[support] / probs[support].sum() * counts.sum())
+        assert result.pvalue > 1e-3, f"{label}: chi-square p = {result.pvalue:.2e}, counts {counts}"
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.7), (0.9, 5, 0.8)])
+def test_empirical_distribution_matches_the_processed_softmax(temperature, top_k, top_p):
+    rows, vocab = 16384, 8
+    logits = np.array([1.2, -0.3, 0.8, 2.0, 0.1, -1.0, 1.5, 0.4], np.float32)
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s) for s in range(rows)]
+    tokens = sample(jnp.broadcast_to(jnp.asarray(logits), (rows, vocab)), SamplingArrays.from_params(params, rows, 0),
+                    jnp.full(rows, 17, jnp.int32))
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    _, probs = reference_support(logits, temperature, top_k, top_p)
+    assert_matches(counts, probs, f"T={temperature} top_k={top_k} top_p={top_p}")
+    if top_k or top_p < 1:
+        untruncated = np.exp(logits.astype(np.float64) / temperature)
+        untruncated /= untruncated.sum()
+        assert stats.chisquare(counts, untruncated * rows).pvalue < 1e-6       # the check has power
+
+
+def test_bad_shapes_are_rejected():
+    arrays = SamplingArrays.from_params([SamplingParams()], 2, 0)
+    with pytest.raises(SamplingError, match="positions"):
+        sample_tokens(jnp.zeros((2, 8)), arrays, jnp.zeros(3, jnp.int32))
+    with pytest.raises(SamplingError, match="shape"):
+        processed_log_probs(jnp.zeros((2, 8)), jnp.ones(3), jnp.zeros(3, jnp.int32), jnp.ones(3))
