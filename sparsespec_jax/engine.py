@@ -24,7 +24,7 @@ from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets
 from sparsespec_jax.spec.ngram import propose_ngram
 from sparsespec_jax.spec.round import RoundBatch, speculative_round
-from sparsespec_jax.step_batch import BucketLimits, StepBatch, bucket, build_step_batch
+from sparsespec_jax.step_batch import BucketLimits, StepBatch, build_step_batch
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -186,8 +186,8 @@ class Engine:
 
     def _run_round(self, rows: list[ScheduledRow]) -> list[Request]:
         spec, ps = self.spec, self.config.page_size
-        num_rows = bucket(len(rows), self.limits.max_rows)
-        num_pages = bucket(max(len(row.request.pages) for row in rows), self.limits.max_pages)
+        num_rows = self.limits.rows(len(rows))
+        num_pages = self.limits.pages(max(len(row.request.pages) for row in rows))
         last_token = np.zeros(num_rows, np.int32)
         start = np.zeros(num_rows, np.int32)
         page_tables = np.zeros((num_rows, num_pages), np.int32)

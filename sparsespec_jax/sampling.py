@@ -20,6 +20,8 @@ import numpy as np
 SEED_LIMIT = 1 << 32
 # top-k / top-p cuts are searched among this many largest logits first (a full sort only when they fall short)
 TRUNCATION_CANDIDATES = 1024
+# positive temperatures below this divide as if equal to it, keeping the scaled logits finite in float32
+MIN_TEMPERATURE = 1e-6
 
 
 class SamplingError(ValueError):
@@ -224,7 +226,7 @@ def processed_log_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Arr
     top_k = _per_row(top_k, logits, jnp.int32)
     top_p = _per_row(top_p, logits, jnp.float32)
     greedy = temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, temperature)
+    scaled = logits / jnp.where(greedy, 1.0, jnp.maximum(temperature, MIN_TEMPERATURE))
 
     truncates = ~greedy & (((top_k > 0) & (top_k < logits.shape[-1])) | (top_p < 1))
     threshold = jax.lax.cond(jnp.any(truncates),

@@ -1,8 +1,9 @@
 """Turn scheduled rows into the padded, bucketed device arrays of one step.
 
 Shapes are padded to a few buckets (powers of two) so the jitted step compiles once per bucket and never in
-steady state: rows R, flat tokens N, query tokens per row T and page-table width P. Padding rows have
-q_len = 0; padding tokens write their K/V into the reserved padding page.
+steady state: rows R, flat tokens N, query tokens per row T and page-table width P. Small buckets are not
+worth their compile time, so each has a floor (MIN_ROWS rows, MIN_CONTEXT tokens of pages, MIN_CHUNK query
+tokens for prompt chunks). Padding rows have q_len = 0; padding tokens write into the reserved padding page.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import numpy as np
 from sparsespec_jax.attention import AttentionMetadata
 from sparsespec_jax.kv_cache import PADDING_PAGE
 from sparsespec_jax.scheduler import ScheduledRow
+
+MIN_ROWS = 8
+MIN_CONTEXT = 512
+MIN_CHUNK = 16
 
 
 def bucket(n: int, cap: int, minimum: int = 1) -> int:
@@ -41,14 +46,20 @@ class BucketLimits:
     max_pages: int
     page_size: int
 
+    def rows(self, n: int) -> int:
+        return bucket(n, self.max_rows, minimum=MIN_ROWS)
+
+    def pages(self, n: int) -> int:
+        return bucket(n, self.max_pages, minimum=-(-MIN_CONTEXT // self.page_size))
+
 
 def build_step_batch(rows: list[ScheduledRow], limits: BucketLimits) -> StepBatch:
     decode_only = all(row.num_tokens == 1 for row in rows)
-    num_rows = bucket(len(rows), limits.max_rows)
+    num_rows = limits.rows(len(rows))
     total = sum(row.num_tokens for row in rows)
-    num_tokens = num_rows if decode_only else bucket(total, limits.max_tokens, minimum=16)
-    max_q = 1 if decode_only else bucket(max(row.num_tokens for row in rows), limits.max_q_len)
-    num_pages = bucket(max(len(row.request.pages) for row in rows), limits.max_pages)
+    num_tokens = num_rows if decode_only else bucket(total, limits.max_tokens, minimum=MIN_CHUNK)
+    max_q = 1 if decode_only else bucket(max(row.num_tokens for row in rows), limits.max_q_len, minimum=MIN_CHUNK)
+    num_pages = limits.pages(max(len(row.request.pages) for row in rows))
     ps = limits.page_size
 
     tokens = np.zeros(num_tokens, np.int32)

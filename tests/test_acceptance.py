@@ -17,7 +17,7 @@ START = VOCAB           # context index of the last committed token in the toy M
 _rng = np.random.default_rng(0)
 TARGET = (_rng.normal(size=(VOCAB + 1, VOCAB)) * 1.2).astype(np.float32)         # target logits given previous
 DRAFT = (TARGET + _rng.normal(size=TARGET.shape) * 1.5).astype(np.float32)        # a deliberately biased draft
-NGRAM = (np.arange(VOCAB + 1) * 3 + 1) % VOCAB                                      # deterministic proposals
+NGRAM = DRAFT.argmax(-1)                                                            # deterministic proposals
 
 verify = jax.jit(verify_drafts)
 draft = jax.jit(draft_sample)
@@ -83,14 +83,12 @@ def check_structure(tokens, emitted, drafts, num_drafts, vocab=VOCAB):
 
 CASES = [  # k, temperature, top_k, top_p, n-gram drafts, drafts per row vary
     (1, 1.0, 0, 1.0, False, False),
-    (2, 0.8, 5, 1.0, False, False),
-    (4, 1.2, 0, 0.8, False, True),
-    (3, 1.0, 6, 0.9, True, False),
-    (2, 0.7, 3, 1.0, True, True),
+    (4, 0.8, 5, 1.0, False, True),
+    (4, 1.2, 0, 0.8, False, False),
+    (3, 1.0, 6, 0.9, True, True),
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("k, temperature, top_k, top_p, ngram, ragged", CASES)
 def test_emitted_tokens_follow_the_target_distribution(k, temperature, top_k, top_p, ngram, ragged):
     arrays = toy_arrays(ROWS, temperature, top_k, top_p)
@@ -121,8 +119,11 @@ def test_emitted_tokens_follow_the_target_distribution(k, temperature, top_k, to
     assert stats.chi2.sf(total_stat, total_dof) > 1e-3, "second emitted token does not follow the target"
 
 
+ROWS_SMALL, K_SMALL, VOCAB_SMALL = 256, 3, 40
+
+
 def test_greedy_rows_reduce_to_exact_match_with_the_argmax():
-    rows, k, vocab = 96, 4, 50
+    rows, k, vocab = ROWS_SMALL, K_SMALL, VOCAB_SMALL
     rng = np.random.default_rng(1)
     target_logits = rng.normal(size=(rows, k + 1, vocab)).astype(np.float32)
     best = target_logits.argmax(-1)
@@ -144,11 +145,11 @@ def test_greedy_rows_reduce_to_exact_match_with_the_argmax():
 
 
 def test_zero_drafts_is_a_plain_sampling_step():
-    rows, k, vocab = 64, 3, 300
+    rows, k, vocab = ROWS_SMALL, K_SMALL, VOCAB_SMALL
     rng = np.random.default_rng(2)
     target_logits = jnp.asarray(rng.normal(size=(rows, k + 1, vocab)).astype(np.float32))
     drafts = jnp.asarray(rng.integers(0, vocab, (rows, k)), jnp.int32)
-    arrays = toy_arrays(rows, 0.9, 50, 0.95)
+    arrays = toy_arrays(rows, 0.9, 20, 0.95)
     positions = jnp.arange(100, 100 + rows, dtype=jnp.int32)
     tokens, emitted = verify(target_logits, drafts, None, jnp.zeros(rows, jnp.int32), arrays,
                                              positions)
@@ -161,7 +162,7 @@ def test_zero_drafts_is_a_plain_sampling_step():
 
 
 def test_a_draft_equal_to_the_target_is_always_accepted():
-    rows, k, vocab = 256, 3, 40
+    rows, k, vocab = ROWS_SMALL, K_SMALL, VOCAB_SMALL
     rng = np.random.default_rng(3)
     target_logits = jnp.asarray(rng.normal(size=(rows, k + 1, vocab)).astype(np.float32))
     arrays = toy_arrays(rows, 1.1, 10, 0.9)
@@ -174,7 +175,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted():
 
 
 def test_proposals_outside_the_support_are_always_rejected():
-    rows, k, vocab = 512, 2, 30
+    rows, k, vocab = ROWS_SMALL, K_SMALL, VOCAB_SMALL
     rng = np.random.default_rng(4)
     target_logits = rng.normal(size=(rows, k + 1, vocab)).astype(np.float32)
     worst = target_logits.argmin(-1)[:, :k].astype(np.int32)          # never inside a top-3 support
@@ -187,7 +188,7 @@ def test_proposals_outside_the_support_are_always_rejected():
 
 
 def test_draft_sample_returns_the_distribution_it_sampled_from():
-    rows, vocab = 128, 60
+    rows, vocab = ROWS_SMALL, VOCAB_SMALL
     rng = np.random.default_rng(5)
     logits = jnp.asarray(rng.normal(size=(rows, vocab)).astype(np.float32))
     arrays = toy_arrays(rows, 0.8, 7, 0.9)

@@ -424,7 +424,7 @@ def tiny_registry(tmp_path, monkeypatch):
 
 
 def test_registry_name_converts_once_then_restores(tiny_registry):
-    registry_file, cache, tensors = tiny_registry
+    _, cache, tensors = tiny_registry
     first = load_model("tiny-qwen3")
     assert "from hf:" in first.source and (cache / "params").is_dir()
     second = load_model("tiny-qwen3")

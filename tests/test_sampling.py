@@ -82,11 +82,11 @@ def test_arrays_pad_rows_and_derive_missing_seeds():
 
 def test_top_k_keeps_exactly_the_k_largest_and_broadcasts_over_middle_axes():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(6, 3, 50)).astype(np.float32) * 2
-    top_k = np.array([1, 5, 17, 0, 50, 80])
+    logits = rng.normal(size=(6, 3, 48)).astype(np.float32) * 2
+    top_k = np.array([1, 5, 17, 0, 48, 80])
     out = check_against_reference(logits, np.full(6, 0.8), top_k, np.ones(6))
     for r, k in enumerate(top_k):
-        expected = min(k, 50) if k > 0 else 50
+        expected = min(k, 48) if k > 0 else 48
         assert np.all((out[r] > -np.inf).sum(-1) == expected)
         largest = np.argsort(-logits[r], axis=-1)[:, :expected]
         assert np.all(np.take_along_axis(out[r], largest, axis=-1) > -np.inf)
@@ -94,9 +94,9 @@ def test_top_k_keeps_exactly_the_k_largest_and_broadcasts_over_middle_axes():
 
 def test_top_p_keeps_the_minimal_nucleus():
     rng = np.random.default_rng(1)
-    logits = rng.normal(size=(5, 4, 40)).astype(np.float32) * 1.5
-    top_p = np.array([0.05, 0.3, 0.6, 0.9, 0.999])
-    out = check_against_reference(logits, np.full(5, 1.1), np.zeros(5, int), top_p)
+    logits = rng.normal(size=(6, 3, 48)).astype(np.float32) * 1.5
+    top_p = np.array([0.05, 0.3, 0.6, 0.9, 0.999, 1.0])
+    out = check_against_reference(logits, np.full(6, 1.1), np.zeros(6, int), top_p)
     probs = np.exp(out.astype(np.float64))
     for index in np.ndindex(out.shape[:-1]):
         full = np.exp(logits[index] / 1.1 - np.max(logits[index] / 1.1))
@@ -125,8 +125,9 @@ def test_combined_truncation_matches_reference_on_both_search_paths():
 
 def test_temperature_zero_is_the_argmax_point_mass():
     rng = np.random.default_rng(3)
-    logits = rng.normal(size=(4, 5, 30)).astype(np.float32)
-    out = np.asarray(processed(logits, jnp.zeros(4), jnp.array([0, 3, 0, 7]), jnp.array([1.0, 1.0, 0.2, 0.5])))
+    logits = rng.normal(size=(6, 3, 48)).astype(np.float32)
+    out = np.asarray(processed(logits, jnp.zeros(6), jnp.array([0, 3, 0, 7, 1, 0]),
+                               jnp.array([1.0, 1.0, 0.2, 0.5, 1.0, 0.01])))
     np.testing.assert_array_equal(np.argmax(out, -1), np.argmax(logits, -1))
     np.testing.assert_array_equal((out == 0).sum(-1), 1)
     assert np.all((out == 0) | (out == -np.inf))
@@ -146,25 +147,25 @@ def test_token_keys_separate_seed_position_stream_and_nonce():
 
 def test_sampling_is_reproducible_and_independent_of_the_batch():
     rng = np.random.default_rng(4)
-    logits = jnp.asarray(rng.normal(size=(6, 500)).astype(np.float32))
-    params = [SamplingParams(temperature=1.0, seed=s) for s in range(6)]
-    positions = jnp.arange(40, 46, dtype=jnp.int32)
-    tokens = np.asarray(sample(logits, SamplingArrays.from_params(params, 6, 0), positions))
-    assert np.array_equal(tokens, np.asarray(sample(logits, SamplingArrays.from_params(params, 6, 0), positions)))
-    assert len(set(tokens.tolist())) > 3
-    # row 2 moved to the end of a different batch, next to greedy and truncated neighbours
+    logits = jnp.asarray(rng.normal(size=(8, 512)).astype(np.float32))
+    params = [SamplingParams(temperature=1.0, seed=s) for s in range(8)]
+    positions = jnp.arange(40, 48, dtype=jnp.int32)
+    tokens = np.asarray(sample(logits, SamplingArrays.from_params(params, 8, 0), positions))
+    assert np.array_equal(tokens, np.asarray(sample(logits, SamplingArrays.from_params(params, 8, 0), positions)))
+    assert len(set(tokens.tolist())) > 4
+    # row 2 moved to the end of a different batch, next to greedy, truncated and padding rows
     other = [SamplingParams(temperature=0), SamplingParams(temperature=0.3, top_k=2, seed=99), params[2]]
-    mixed_logits = jnp.concatenate([logits[4:6] * 3, logits[2:3]])
-    mixed = sample(mixed_logits, SamplingArrays.from_params(other, 3, 0), jnp.array([7, 3, 42], jnp.int32))
+    mixed_logits = jnp.concatenate([logits[4:6] * 3, logits[2:3], logits[:5]])
+    mixed = sample(mixed_logits, SamplingArrays.from_params(other, 8, 0), jnp.arange(8, dtype=jnp.int32).at[2].set(42))
     assert int(mixed[2]) == tokens[2]
     assert int(mixed[0]) == int(jnp.argmax(mixed_logits[0]))
 
 
 def test_greedy_rows_take_the_argmax():
     rng = np.random.default_rng(5)
-    logits = jnp.asarray(rng.normal(size=(64, 1000)).astype(np.float32))
-    arrays = SamplingArrays.from_params([SamplingParams(temperature=0, top_p=0.5, seed=s) for s in range(64)], 64, 0)
-    np.testing.assert_array_equal(sample(logits, arrays, jnp.arange(64, dtype=jnp.int32)), np.argmax(logits, -1))
+    logits = jnp.asarray(rng.normal(size=(8, 512)).astype(np.float32))
+    arrays = SamplingArrays.from_params([SamplingParams(temperature=0, top_p=0.5, seed=s) for s in range(8)], 8, 0)
+    np.testing.assert_array_equal(sample(logits, arrays, jnp.arange(8, dtype=jnp.int32)), np.argmax(logits, -1))
 
 
 def assert_matches(counts, probs, label):

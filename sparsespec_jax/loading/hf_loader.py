@@ -157,7 +157,9 @@ def load_hf_dir(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, np
                 raise CheckpointError(f"{directory}: missing tensor {_hf_name(canonical, layer)!r} "
                                       f"required by config.json ({cfg.arch})")
 
-    params = {name: np.empty(shape, np.result_type(*dtypes[name])) for name, shape in shapes.items()}
+    # Layers stored in different float dtypes (rare) are stacked in float32 rather than rounded.
+    params = {name: np.empty(shape, dtypes[name][0] if len(set(dtypes[name])) == 1 else np.float32)
+              for name, shape in shapes.items()}
     for path in by_file:
         with _open(path) as f:
             for (canonical, layer), (name, source) in sources.items():

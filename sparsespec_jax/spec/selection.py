@@ -8,6 +8,7 @@ Positions are logical (0 .. kv_len-1); callers map them to pool slots through th
 
 from __future__ import annotations
 
+import numbers
 from fractions import Fraction
 
 import jax
@@ -24,9 +25,9 @@ class SelectionError(ValueError):
 
 def pillar_budget(kv_len: jax.Array, ratio: float, min_budget: int) -> jax.Array:
     """Tokens each row's draft steps attend to (before draft slots): min(kv_len, max(min_budget, ceil(ratio*L)))."""
-    if not 0 <= ratio <= 1:
+    if not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
         raise SelectionError(f"ratio: must be in [0, 1], got {ratio!r}")
-    if not isinstance(min_budget, int) or min_budget < 0:
+    if not isinstance(min_budget, numbers.Integral) or min_budget < 0:
         raise SelectionError(f"min_budget: must be an integer >= 0, got {min_budget!r}")
     fraction = Fraction(ratio).limit_denominator(RATIO_DENOMINATOR_LIMIT)
     num, den = fraction.numerator, fraction.denominator
@@ -34,7 +35,7 @@ def pillar_budget(kv_len: jax.Array, ratio: float, min_budget: int) -> jax.Array
     # ceil(num * L / den) without overflow: L = a*den + b  ->  num*a + ceil(num*b / den)
     whole, rest = kv_len // den, kv_len % den
     proportional = num * whole + (num * rest + den - 1) // den
-    return jnp.minimum(kv_len, jnp.maximum(min_budget, proportional)).astype(jnp.int32)
+    return jnp.minimum(kv_len, jnp.maximum(int(min_budget), proportional)).astype(jnp.int32)
 
 
 def pillar_scores(q: jax.Array, keys: jax.Array, lse: jax.Array, q_len: jax.Array, kv_len: jax.Array,
@@ -44,7 +45,8 @@ def pillar_scores(q: jax.Array, keys: jax.Array, lse: jax.Array, q_len: jax.Arra
     q [R, T, Hq, D]: the verify queries, query t of row r at position kv_len - q_len + t (t < q_len real);
     keys [R, S, Hkv, D]: the row's keys by logical position; lse [R, T, Hq]: the verify pass's natural-log
     sum-exp of scale * q.k over each query's visible keys. A key's score averages exp(scale * q.k - lse) over
-    the (query, query head of its group) pairs that can see it; a key no query sees scores 0; j >= kv_len: -inf.
+    the (query, query head of its group) pairs that can see it; -inf where no pair sees it (j >= kv_len, or a
+    row without queries), as in pallas_kernels.pillar_scores.
     """
     rows, width, num_q_heads, head_dim = q.shape
     num_keys, num_kv_heads = keys.shape[1], keys.shape[2]
@@ -71,7 +73,7 @@ def pillar_scores(q: jax.Array, keys: jax.Array, lse: jax.Array, q_len: jax.Arra
     total = jnp.sum(probs, axis=(2, 3))                                                    # [R, Hkv, S]
     pairs = group * jnp.sum(visible, axis=1, dtype=jnp.int32)                              # [R, S]
     scores = total / jnp.maximum(pairs, 1)[:, None, :].astype(jnp.float32)
-    return jnp.where((j[None, :] < kv_len[:, None])[:, None, :], scores, -jnp.inf)
+    return jnp.where(pairs[:, None, :] > 0, scores, -jnp.inf)
 
 
 def select_tokens(scores: jax.Array, kv_len: jax.Array, num_recent: jax.Array, budget: jax.Array,
@@ -90,7 +92,7 @@ def select_tokens(scores: jax.Array, kv_len: jax.Array, num_recent: jax.Array, b
     for name, value in (("kv_len", kv_len), ("num_recent", num_recent), ("budget", budget)):
         if jnp.shape(value) != (rows,):
             raise SelectionError(f"{name}: expected shape {(rows,)}, got {jnp.shape(value)}")
-    if not isinstance(capacity, int) or capacity < 1:
+    if not isinstance(capacity, numbers.Integral) or capacity < 1:
         raise SelectionError(f"capacity: must be a positive integer, got {capacity!r}")
 
     kv_len = jnp.clip(kv_len.astype(jnp.int32), 0, num_keys)
@@ -100,7 +102,7 @@ def select_tokens(scores: jax.Array, kv_len: jax.Array, num_recent: jax.Array, b
 
     j = jnp.arange(num_keys, dtype=jnp.int32)
     older = jnp.where(j[None, None, :] < older_end[:, None, None], scores.astype(jnp.float32), -jnp.inf)
-    _, best = jax.lax.top_k(older, min(capacity, num_keys))                             # [R, Hkv, K]
+    _, best = jax.lax.top_k(older, min(int(capacity), num_keys))                             # [R, Hkv, K]
 
     slot = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
     recent = older_end[:, None, None] + slot

@@ -1,0 +1,91 @@
+"""Self-speculative decoding is lossless: every draft method reproduces vanilla greedy token streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import generate
+from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.spec.config import SpecConfig
+
+NEW_TOKENS = 256
+RAW_PROMPTS = [
+    "The history of the printing press begins in",
+    "Step-by-step, compute 23 * 47. First,",
+]
+CHAT_QUESTIONS = [
+    "A farmer has 17 sheep and buys 3 times as many goats. How many animals does he have? Explain step by step.",
+    "Write a Python function that checks whether a string is a palindrome, then explain it.",
+]
+# Small budgets so the draft steps really attend to a sparse subset of these few-hundred-token contexts.
+SPARSE = dict(spec_k=6, min_budget=24, budget_ratio=0.05)
+
+
+def prompt_ids(tokenizer) -> list[list[int]]:
+    chat = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]),
+                             add_special_tokens=False) for q in CHAT_QUESTIONS]
+    return [tokenizer.encode(p) for p in RAW_PROMPTS] + chat
+
+
+def params_for(num_prompts: int) -> list[SamplingParams]:
+    # Different lengths so requests leave (and waiting ones join) at different steps.
+    return [SamplingParams(temperature=0, max_tokens=NEW_TOKENS - 16 * i, ignore_eos=True) for i in range(num_prompts)]
+
+
+@pytest.fixture(scope="module")
+def vanilla(make_engine, smollm2):
+    prompts = prompt_ids(smollm2.tokenizer)
+    return prompts, generate(make_engine("none", max_batch_size=4), prompts, params_for(len(prompts)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pillar", "streaming", "ngram"])
+def test_greedy_is_lossless_in_a_continuous_batch(method, vanilla, make_engine):
+    prompts, expected = vanilla
+    # Three slots for four requests: the fourth joins when the first leaves, prefilling beside running rounds.
+    engine = make_engine(method, max_batch_size=3, **SPARSE)
+    outputs = generate(engine, prompts, params_for(len(prompts)))
+    assert outputs == expected
+    requests_drafted = sum(1 for _ in outputs)
+    assert requests_drafted == 4 and engine.num_steps < sum(map(len, expected))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pillar", "streaming", "ngram"])
+def test_greedy_is_lossless_alone(method, vanilla, make_engine):
+    prompts, expected = vanilla
+    engine = make_engine(method, max_batch_size=1, **SPARSE)
+    for ids, params, want in zip(prompts[1::2], params_for(len(prompts))[1::2], expected[1::2]):
+        [out] = generate(engine, [ids], params)
+        assert out == want
+
+
+def test_pillar_reports_acceptance_and_beats_one_token_per_step(make_engine, smollm2):
+    engine = make_engine("pillar", max_batch_size=2, **SPARSE)
+    ids = prompt_ids(smollm2.tokenizer)[2]
+    request = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=96, ignore_eos=True))
+    engine.run()
+    stats = request.stats
+    assert stats.verifies > 0 and stats.drafted_tokens >= stats.accepted_tokens >= 0
+    assert stats.acceptance_mean == stats.accepted_tokens / stats.verifies
+    # Each verify emits accepted + 1 tokens; only the prefill step emits one token on its own.
+    assert stats.accepted_tokens + stats.verifies + 1 == len(request.output_ids)
+    assert stats.acceptance_mean > 1.0, "sparse self-drafts of the same model should mostly be accepted"
+
+
+def test_sampled_speculation_runs_and_respects_max_tokens(make_engine, smollm2):
+    engine = make_engine("pillar", max_batch_size=2, **SPARSE)
+    ids = prompt_ids(smollm2.tokenizer)[0]
+    hot = [engine.add_request(ids, SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=s, max_tokens=37,
+                                                  ignore_eos=True)) for s in (1, 2)]
+    engine.run()
+    assert [len(r.output_ids) for r in hot] == [37, 37]
+    assert hot[0].output_ids != hot[1].output_ids
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("k", 0, "k"), ("budget_ratio", 0.0, "budget_ratio"), ("budget_ratio", 1.5, "budget_ratio"),
+    ("min_budget", 0, "min_budget"), ("method", "eagle", "draft method")])
+def test_spec_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SpecConfig(**{field: value})
