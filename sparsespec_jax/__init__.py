@@ -4,5 +4,6 @@ from sparsespec_jax.engine import EngineConfig, RequestError
 from sparsespec_jax.llm import LLM
 from sparsespec_jax.request import RequestOutput
 from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.spec.config import SpecConfig
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineConfig", "RequestError"]
+__all__ = ["LLM", "SamplingParams", "SpecConfig", "RequestOutput", "EngineConfig", "RequestError"]

@@ -28,6 +28,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--engine-seed", type=int, default=0, help="seeds requests that give no seed")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--prefill-chunk-size", type=int, default=128)
+    parser.add_argument("--draft", default="pillar", choices=["pillar", "streaming", "ngram", "none"],
+                        help="draft method (none = vanilla decoding)")
+    parser.add_argument("--spec-k", type=int, default=8, help="drafts verified per round")
+    parser.add_argument("--budget-ratio", type=float, default=0.05, help="PillarAttn budget, fraction of context")
+    parser.add_argument("--min-budget", type=int, default=128, help="PillarAttn budget floor in tokens")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,10 +125,13 @@ def read_done_ids(output: Path) -> set[str]:
 def make_llm(args):
     from sparsespec_jax.llm import LLM
     from sparsespec_jax.loading import DEFAULT_MODEL
+    from sparsespec_jax.spec.config import SpecConfig
 
+    spec = SpecConfig(method=args.draft, k=args.spec_k, budget_ratio=args.budget_ratio, min_budget=args.min_budget)
     return LLM(args.model or DEFAULT_MODEL, dtype=args.dtype, max_batch_size=args.max_batch_size,
                kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_model_len=args.max_model_len,
-               attention_backend=args.attention_backend, seed=args.engine_seed)
+               max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
+               attention_backend=args.attention_backend, seed=args.engine_seed, spec=spec)
 
 
 def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
@@ -130,14 +140,31 @@ def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
     accepted = sum(o.stats.accepted_tokens for o in outputs)
     verifies = sum(o.stats.verifies for o in outputs)
     return {
-        "model": llm.model_name, "requests": len(outputs), "errors": errors,
+        "model": llm.model_name, "draft": llm.engine.spec.method, "requests": len(outputs), "errors": errors,
         "output_tokens": output_tokens, "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
         "wall_s": round(wall_s, 4), "tokens_per_s": round(output_tokens / wall_s, 2) if wall_s > 0 else None,
         "load_s": round(llm.load_seconds, 3), "steps": llm.engine.num_steps,
         "preemptions": llm.engine.scheduler.num_preemptions,
         "drafted_tokens": drafted, "accepted_tokens": accepted, "verifies": verifies,
         "acceptance_mean": round(accepted / verifies, 4) if verifies else None,
+        "tokens_per_step": round(output_tokens / llm.engine.num_steps, 3) if llm.engine.num_steps else None,
     }
+
+
+def format_summary(summary: dict[str, Any], finish_reason: str | None = None) -> str:
+    parts = [f"{summary['requests']} request(s)", f"{summary['output_tokens']} tokens in {summary['wall_s']} s",
+             f"{summary['tokens_per_s']} tok/s", f"draft={summary['draft']}"]
+    if summary["acceptance_mean"] is not None:
+        parts.append(f"acceptance_mean={summary['acceptance_mean']} over {summary['verifies']} verifies")
+    parts.append(f"tokens/step={summary['tokens_per_step']}")
+    if finish_reason:
+        parts.append(f"finish_reason={finish_reason}")
+    if summary["errors"]:
+        parts.append(f"{summary['errors']} error(s)")
+    if summary.get("skipped_done"):
+        parts.append(f"{summary['skipped_done']} already done")
+    parts.append(f"load {summary['load_s']} s")
+    return "[" + ", ".join(parts) + "]"
 
 
 def run_single(args) -> int:
@@ -150,8 +177,7 @@ def run_single(args) -> int:
         print(json.dumps({**summary, "text": output.text, "finish_reason": output.finish_reason}))
     else:
         print(output.text)
-        print(f"\n[{summary['output_tokens']} tokens, {summary['tokens_per_s']} tok/s, "
-              f"finish_reason={output.finish_reason}, load {summary['load_s']} s]", file=sys.stderr)
+        print(format_summary(summary, output.finish_reason))
     return EXIT_OK
 
 
@@ -174,8 +200,9 @@ def run_batch(args) -> int:
             seen.add(request_id)
             jobs.append((request_id, prompt, sampling_from_args(args, overrides), number))
         except ValueError as err:
-            error_records.append({"id": _best_id(line, number),
-                                  "line": number, "error": f"{args.input}:{number}: {err}"})
+            request_id = _best_id(line, number)
+            if request_id not in done:
+                error_records.append({"id": request_id, "line": number, "error": f"{args.input}:{number}: {err}"})
 
     llm = make_llm(args)
     valid = []
@@ -207,9 +234,7 @@ def run_batch(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{summary['requests']} requests, {summary['output_tokens']} tokens in {summary['wall_s']} s "
-              f"({summary['tokens_per_s']} tok/s), {len(error_records)} errors, {len(done)} already done",
-              file=sys.stderr)
+        print(format_summary(summary), file=sys.stderr)
     return EXIT_REQUEST_ERRORS if error_records else EXIT_OK
 
 

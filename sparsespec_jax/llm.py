@@ -11,15 +11,18 @@ from sparsespec_jax.engine import Engine, EngineConfig, RequestError
 from sparsespec_jax.loading import DEFAULT_MODEL, load_model
 from sparsespec_jax.request import Request, RequestOutput
 from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.spec.config import SpecConfig
 
 
 class LLM:
-    """A loaded model plus an engine. Keyword arguments mirror EngineConfig's fields."""
+    """A loaded model plus an engine. Keyword arguments mirror EngineConfig's fields; `spec` picks the draft
+    method (PillarAttn self-speculation by default, SpecConfig(method="none") for vanilla decoding)."""
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, dtype: str = "float32",
                  max_batch_size: int = 16, kv_cache_tokens: int = 16384, page_size: int = 16,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
-                 prefill_chunk_size: int = 128, attention_backend: str = "auto", seed: int = 0):
+                 prefill_chunk_size: int = 128, attention_backend: str = "auto", seed: int = 0,
+                 spec: SpecConfig | None = None):
         config = EngineConfig(dtype=dtype, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens,
                               page_size=page_size, max_model_len=max_model_len,
                               max_num_batched_tokens=max_num_batched_tokens or max(256, max_batch_size),
@@ -30,7 +33,7 @@ class LLM:
         self.load_seconds = time.perf_counter() - started
         self.model_name = str(model)
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine(loaded.config, loaded.params, loaded.tokenizer, config)
+        self.engine = Engine(loaded.config, loaded.params, loaded.tokenizer, config, spec or SpecConfig())
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
         if chat:
@@ -91,4 +94,4 @@ class LLM:
         return [request.to_output() for request in requests]
 
 
-__all__ = ["LLM", "RequestError", "RequestOutput", "SamplingParams", "EngineConfig"]
+__all__ = ["LLM", "RequestError", "RequestOutput", "SamplingParams", "EngineConfig", "SpecConfig"]

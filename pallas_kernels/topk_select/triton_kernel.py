@@ -24,6 +24,7 @@ from pallas_kernels.paged_attention.triton_kernel import next_power_of_2
 from pallas_kernels.topk_select.reference import float_order_key, selected_count
 
 INT32_MIN = -(2 ** 31)
+INT31_MAX = 2 ** 31 - 1
 PAD_CHUNK = 1024           # output entries zero-filled per store
 
 
@@ -32,37 +33,57 @@ def _topk_select_kernel(k_ref, scores_ref, out_ref, *, num_positions, chunk, num
     wanted = jnp.clip(k_ref[row], 0, min(max_k, num_positions))
 
     def load_chunk(index):
-        """Positions and keys of one chunk; positions past the row get INT32_MIN, below every candidate."""
+        """Positions, liveness and order keys of one chunk; positions past the row get INT32_MIN."""
         positions = index * chunk + jnp.arange(chunk, dtype=jnp.int32)
         live = positions < num_positions
         scores = scores_ref[row, head, jnp.minimum(positions, num_positions - 1)]
         return positions, live, jnp.where(live, float_order_key(scores), INT32_MIN)
 
-    resident = load_chunk(0) if num_chunks == 1 else None
+    def chunk_sum(per_chunk, keys_of_chunk):
+        """Sum of per_chunk(keys) over the row (an int32 scalar)."""
+        if num_chunks == 1:
+            return per_chunk(keys_of_chunk(0))
+        return lax.fori_loop(0, num_chunks, lambda c, acc: acc + per_chunk(keys_of_chunk(c)), jnp.int32(0))
 
-    def chunk_sum(per_chunk):
-        """Sum of per_chunk(positions, live, keys) over the row (an int32 scalar)."""
-        if resident is not None:
-            return per_chunk(*resident)
-        return lax.fori_loop(0, num_chunks, lambda c, acc: acc + per_chunk(*load_chunk(c)), jnp.int32(0))
+    resident = load_chunk(0)[2] if num_chunks == 1 else None
+    signed_keys = (lambda c: resident) if resident is not None else (lambda c: load_chunk(c)[2])
+
+    # The sign of the threshold first; then every key is mapped into [0, 2**31) so that counting
+    # key >= candidate is a subtraction and a sign-bit extraction (no overflow, no compare-select).
+    nonnegative = chunk_sum(lambda keys: jnp.sum((keys >= 0).astype(jnp.int32)), signed_keys)
+    negative_threshold = nonnegative < wanted
+
+    def magnitude_keys(keys):
+        """Order-preserving 31-bit keys within the threshold's sign; the other sign saturates (padding -> 0)."""
+        return jnp.where(negative_threshold, jnp.where(keys >= 0, INT31_MAX, keys & INT31_MAX),
+                         jnp.maximum(keys, 0))
+
+    resident_magnitudes = magnitude_keys(resident) if resident is not None else None
+
+    def magnitudes(c):
+        return resident_magnitudes if resident is not None else magnitude_keys(load_chunk(c)[2])
 
     def count_at_least(candidate):
-        return chunk_sum(lambda positions, live, keys: jnp.sum((keys >= candidate).astype(jnp.int32)))
-
-    # Candidates are always > INT32_MIN, so padded lanes never count.
-    threshold = jnp.where(count_at_least(jnp.int32(0)) >= wanted, jnp.int32(0), jnp.int32(INT32_MIN))
+        below = chunk_sum(lambda keys: jnp.sum(lax.shift_right_logical(keys - candidate, 31)), magnitudes)
+        return num_chunks * chunk - below
 
     def add_bit(i, threshold):
         candidate = threshold | lax.shift_left(jnp.int32(1), 30 - i)
         return jnp.where(count_at_least(candidate) >= wanted, candidate, threshold)
 
-    threshold = lax.fori_loop(0, 31, add_bit, threshold)
-    ties_wanted = wanted - chunk_sum(
-        lambda positions, live, keys: jnp.sum((keys > threshold).astype(jnp.int32)))
+    magnitude_threshold = lax.fori_loop(0, 31, add_bit, jnp.int32(0))
+    threshold = jnp.where(negative_threshold, magnitude_threshold | INT32_MIN, magnitude_threshold)
+
+    # Selection works on the signed keys again (re-read; the row is still in cache).
+    final_chunk = (lambda c: load_chunk(0)) if num_chunks == 1 else load_chunk
+    final_resident = final_chunk(0) if num_chunks == 1 else None
+    chunk_data = (lambda c: final_resident) if num_chunks == 1 else final_chunk
+    greater = chunk_sum(lambda keys: jnp.sum((keys > threshold).astype(jnp.int32)), lambda c: chunk_data(c)[2])
+    ties_wanted = wanted - greater
 
     def write_chunk(index, carry):
         ties_before, written_before = carry
-        positions, live, keys = load_chunk(index) if resident is None else resident
+        positions, live, keys = chunk_data(index)
         any_wanted = wanted > 0
         tie = (keys == threshold) & live & any_wanted
         tie_rank = ties_before + lax.cumsum(tie.astype(jnp.int32), axis=0)
