@@ -44,12 +44,14 @@ class EngineConfig:
     prefill_chunk_size: int = 128
     attention_backend: str = "auto"
     seed: int = 0
+    min_context_bucket: int = 512             # narrowest page table compiled (tokens): fewer compiles vs work
+
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_size", "kv_cache_tokens", "page_size", "max_num_batched_tokens",
-                     "prefill_chunk_size"):
+                     "prefill_chunk_size", "min_context_bucket"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -102,7 +104,8 @@ class Engine:
         self.limits = BucketLimits(max_rows=config.max_batch_size, max_tokens=config.max_num_batched_tokens,
                                    max_q_len=config.prefill_chunk_size,
                                    max_pages=-(-(self.max_model_len + lookahead) // config.page_size),
-                                   page_size=config.page_size)
+                                   page_size=config.page_size,
+                                   min_pages=-(-config.min_context_bucket // config.page_size))
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
 
         model = Transformer(cfg, params, dtype)

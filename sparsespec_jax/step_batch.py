@@ -2,8 +2,8 @@
 
 Shapes are padded to a few buckets (powers of two) so the jitted step compiles once per bucket and never in
 steady state: rows R, flat tokens N, query tokens per row T and page-table width P. Small buckets are not
-worth their compile time, so each has a floor (MIN_ROWS rows, MIN_CONTEXT tokens of pages, MIN_CHUNK query
-tokens for prompt chunks). Padding rows have q_len = 0; padding tokens write into the reserved padding page.
+worth their compile time, so each has a floor (MIN_ROWS rows, min_pages pages, MIN_CHUNK query tokens for
+prompt chunks). Padding rows have q_len = 0; padding tokens write into the reserved padding page.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from sparsespec_jax.kv_cache import PADDING_PAGE
 from sparsespec_jax.scheduler import ScheduledRow
 
 MIN_ROWS = 8
-MIN_CONTEXT = 512
 MIN_CHUNK = 16
 
 
@@ -45,12 +44,13 @@ class BucketLimits:
     max_q_len: int
     max_pages: int
     page_size: int
+    min_pages: int = 1
 
     def rows(self, n: int) -> int:
         return bucket(n, self.max_rows, minimum=MIN_ROWS)
 
     def pages(self, n: int) -> int:
-        return bucket(n, self.max_pages, minimum=-(-MIN_CONTEXT // self.page_size))
+        return bucket(n, self.max_pages, minimum=self.min_pages)
 
 
 def build_step_batch(rows: list[ScheduledRow], limits: BucketLimits) -> StepBatch:

@@ -39,6 +39,10 @@ def random_scores(seed, num_rows, num_heads, num_positions):
     scores[0, -1, : num_positions // 4] = 0.0
     scores[0, -1, num_positions // 4: num_positions // 2] = -0.0
     scores[-1, 0] = np.round(scores[-1, 0] * 2) / 2                                  # many ties
+    if num_heads > 2:                                 # keys that differ only in their lowest bits, both signs
+        ulps = rng.integers(0, 40, num_positions).astype(np.int32)
+        scores[:, 1] = (np.float32(0.37).view(np.int32) + ulps).view(np.float32)
+        scores[:, 2] = (np.float32(-2.5).view(np.int32) + ulps).view(np.float32)
     return scores
 
 
@@ -55,8 +59,9 @@ CASES = {
     # name: (rows, heads, positions, k per row, max_k, max_resident)
     "k_1_8_16_resident": (3, 2, 100, [1, 8, 16], 16, 16384),
     "k_over_finite_count_and_zero": (3, 3, 64, [0, 40, 64], 48, 16384),
+    "low_bit_differences": (2, 4, 300, [16, 77], 80, 16384),
     "max_k_over_positions": (2, 2, 37, [37, 50], 64, 16384),
-    "chunked_rows": (3, 2, 300, [1, 8, 16], 37, 64),
+    "chunked_rows": (3, 3, 300, [1, 8, 16], 37, 64),
 }
 
 
