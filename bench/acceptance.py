@@ -11,7 +11,9 @@ Configurations run in the order listed; `--time-budget` stops launching new ones
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from common import RESULTS, device_description, markdown_table, reasoning_prompts, today, write_result
 from sparsespec_jax.engine import Engine, EngineConfig
@@ -46,6 +48,7 @@ def run_config(loaded, prompts, method, k, ratio, temperature, args) -> dict:
     drafted = sum(r.stats.drafted_tokens for r in requests)
     tokens = sum(len(r.output_ids) for r in requests)
     return {"method": method, "k": k, "budget_ratio": ratio, "temperature": temperature,
+            "min_budget": args.min_budget, "prompts": len(prompts), "new_tokens": args.new_tokens,
             "acceptance_mean": accepted / verifies, "accept_rate": accepted / drafted if drafted else 0.0,
             "tokens_per_round": tokens / verifies, "verifies": verifies, "output_tokens": tokens,
             "wall_s": wall}
@@ -57,6 +60,7 @@ def plot(results: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_k, by_s) = plt.subplots(1, 2, figsize=(10, 4))
+    results = [r for r in results if r["min_budget"] == 128]
     for method, marker in (("pillar", "o"), ("streaming", "s"), ("ngram", "^")):
         points = sorted((r["k"], r["acceptance_mean"]) for r in results
                         if r["method"] == method and r["budget_ratio"] == 0.05 and r["temperature"] == 0.6)
@@ -66,14 +70,29 @@ def plot(results: list[dict], path) -> None:
                         if r["method"] == method and r["k"] == 8 and r["temperature"] == 0.6)
         if points and method != "ngram":
             by_s.plot(*zip(*points), marker=marker, label=method)
-    by_k.set(xlabel="k (drafts per round)", ylabel="mean accepted per verify", title="s = 0.05, T = 0.6")
-    by_s.set(xlabel="budget ratio s", ylabel="mean accepted per verify", title="k = 8, T = 0.6")
+    by_k.set(xlabel="k (drafts per round)", ylabel="mean accepted per verify",
+             title="s = 0.05, min_budget 128, T = 0.6")
+    by_s.set(xlabel="budget ratio s", ylabel="mean accepted per verify", title="k = 8, min_budget 128, T = 0.6")
     for axis in (by_k, by_s):
         axis.grid(alpha=0.3)
         axis.legend()
     fig.suptitle("SmolLM2-135M-Instruct, 64 reasoning prompts, 2048 new tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def report(results: list[dict], name: str, device: str, date: str) -> None:
+    header = ["method", "k", "s", "min_budget", "T", "acceptance_mean", "accept rate", "tokens/round", "wall s"]
+    rows = [[r["method"], r["k"], r["budget_ratio"], r["min_budget"], r["temperature"],
+             f"{r['acceptance_mean']:.2f}", f"{r['accept_rate']:.2f}", f"{r['tokens_per_round']:.2f}",
+             f"{r['wall_s']:.1f}"] for r in results]
+    first = results[0]
+    markdown = (f"# Draft acceptance — SmolLM2-135M-Instruct, {first['prompts']} prompts x {first['new_tokens']} "
+                f"new tokens, {device}, {date}\n\nfloat32, attention: reference. acceptance_mean = accepted drafts "
+                f"per verification; accept rate = accepted / drafted.\n\n" + markdown_table(header, rows))
+    write_result(name, {"device": device, "date": date, "results": results}, markdown)
+    plot(results, RESULTS / f"{name}.png")
+    print(markdown)
 
 
 def main() -> None:
@@ -86,7 +105,12 @@ def main() -> None:
     parser.add_argument("--min-budget", type=int, default=128)
     parser.add_argument("--configs", default=f"0:{len(GRID)}", help="slice of the grid to run, e.g. 0:6")
     parser.add_argument("--time-budget", type=float, default=480.0, help="seconds; no new config after this")
+    parser.add_argument("--merge", nargs="*", type=Path, help="only combine earlier result JSON files")
     args = parser.parse_args()
+    if args.merge:
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        report([r for run in runs for r in run["results"]], args.name, runs[0]["device"], runs[0]["date"])
+        return
     loaded = load_model(args.model)
     tok = loaded.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
@@ -99,16 +123,7 @@ def main() -> None:
             continue
         results.append(run_config(loaded, prompts, method, k, ratio, temperature, args))
         print({key: round(v, 3) if isinstance(v, float) else v for key, v in results[-1].items()}, flush=True)
-    header = ["method", "k", "s", "T", "acceptance_mean", "accept rate", "tokens/round", "wall s"]
-    rows = [[r["method"], r["k"], r["budget_ratio"], r["temperature"], f"{r['acceptance_mean']:.2f}",
-             f"{r['accept_rate']:.2f}", f"{r['tokens_per_round']:.2f}", f"{r['wall_s']:.1f}"] for r in results]
-    device = device_description()
-    markdown = (f"# Draft acceptance — SmolLM2-135M-Instruct, {args.prompts} prompts × {args.new_tokens} tokens, "
-                f"{device}, {today()}\n\nmin_budget {args.min_budget}, dtype {args.dtype}, attention: reference.\n\n"
-                + markdown_table(header, rows))
-    write_result(args.name, {"device": device, "date": today(), "results": results}, markdown)
-    plot(results, RESULTS / f"{args.name}.png")
-    print(markdown)
+    report(results, args.name, device_description(), today())
 
 
 if __name__ == "__main__":

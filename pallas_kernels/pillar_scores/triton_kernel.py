@@ -46,11 +46,12 @@ def _pillar_scores_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref, table_r
         return q_ref[token, head, :], lse_ref[token, head] * LOG2_E, first_query_pos + query, live
 
     def tile_probability_sum(positions, keys, tile):
+        # Keys are the rows of the product so the sum over (query, head) pairs stays within each warp.
         queries, lse2, query_pos, live = tile
-        logits2 = jnp.dot(queries, keys.T, precision=lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32) * logit_scale2 - lse2[:, None]
-        visible = live[:, None] & (positions[None, :] <= query_pos[:, None])
-        return jnp.where(visible, jnp.exp2(logits2), 0.0).sum(axis=0)
+        logits2 = jnp.dot(keys, queries.T, precision=lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32) * logit_scale2 - lse2[None, :]
+        visible = live[None, :] & (positions[:, None] <= query_pos[None, :])
+        return jnp.where(visible, jnp.exp2(logits2), 0.0).sum(axis=1)
 
     resident_tile = query_tile(0) if num_query_tiles == 1 else None
     num_live_tiles = pl.cdiv(num_queries * group, tile_rows)
