@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=2048)
     parser.add_argument("--min-budget", type=int, default=128)
-    parser.add_argument("--configs", default=f"0:{len(GRID)}", help="slice of the grid to run, e.g. 0:6")
+    parser.add_argument("--configs", default=",".join(map(str, range(len(GRID)))),
+                        help="comma-separated GRID indices to run, in order")
     parser.add_argument("--time-budget", type=float, default=480.0, help="seconds; no new config after this")
     parser.add_argument("--merge", nargs="*", type=Path, help="only combine earlier result JSON files")
     args = parser.parse_args()
@@ -115,9 +116,8 @@ def main() -> None:
     tok = loaded.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
                for p in reasoning_prompts(args.prompts)]
-    first, last = (int(x) for x in args.configs.split(":"))
     started, results = time.perf_counter(), []
-    for method, k, ratio, temperature in GRID[first:last]:
+    for method, k, ratio, temperature in (GRID[int(i)] for i in args.configs.split(",")):
         if time.perf_counter() - started > args.time_budget:
             print(f"time budget reached; skipped {method} k={k} s={ratio} T={temperature}", flush=True)
             continue
