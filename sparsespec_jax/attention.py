@@ -10,6 +10,7 @@ import dataclasses
 import jax
 
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from pallas_kernels.pillar_scores import pillar_scores_paged_reference
 from pallas_kernels.sparse_attention import sparse_decode_attention_reference
 
 BACKENDS = ("reference",)
@@ -52,3 +53,10 @@ def paged_attention(backend: str, q, k_pool, v_pool, layer, meta: AttentionMetad
 def sparse_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count):
     """One query per row attending to its listed token slots: (out [R, Hq, D], lse [R, Hq])."""
     return sparse_decode_attention_reference(q, k_pool, v_pool, layer, slot_ids, count)
+
+
+def pillar_scores(backend: str, q, k_pool, layer, meta: AttentionMetadata, lse):
+    """PillarAttn scores of a verify pass: mean rematerialized probability per (row, KV head, key position),
+    from the pass's queries and LSE, re-reading K only: f32 [R, Hkv, P * page_size]."""
+    return pillar_scores_paged_reference(q, k_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables,
+                                         lse, page_size=meta.page_size, max_q_len=meta.max_q_len)

@@ -12,15 +12,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparsespec_jax.attention import AttentionMetadata, paged_attention, sparse_attention
+from sparsespec_jax.attention import AttentionMetadata, paged_attention, pillar_scores, sparse_attention
 from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.model import Transformer
 from sparsespec_jax.sampling import SamplingArrays
 from sparsespec_jax.spec.acceptance import draft_sample, verify_drafts
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets, pillar_refresh, streaming_refresh, with_draft_positions
-from sparsespec_jax.spec.selection import pillar_scores
-from pallas_kernels.paged_attention.reference import gather_row_slots
 
 
 @jax.tree_util.register_dataclass
@@ -104,10 +102,7 @@ def speculative_round(model: Transformer, kv: KVCache, sets: DraftSets, batch: R
         out, lse = paged_attention(backend, q, k_pool, v_pool, layer, meta)
         if not wants_scores:
             return out, None
-        keys = k_pool[layer, :, gather_row_slots(batch.page_tables, ps)]             # [R, S, Hkv, D]
-        scores = pillar_scores(q.reshape(rows, width, *q.shape[1:]), keys,
-                               lse.reshape(rows, width, -1), q_len, kv_len)
-        return out, scores
+        return out, pillar_scores(backend, q, k_pool, layer, meta, lse)
 
     hidden, kv, scores = model(tokens, pos.reshape(-1), kv, write, attend)
     target_logits = model.logits(hidden).reshape(rows, width, -1)

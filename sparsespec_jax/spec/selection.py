@@ -1,8 +1,8 @@
 """PillarAttn token selection (reference semantics): which KV positions each draft step attends to.
 
 After a full-attention verify pass, every older token j of a row is scored per KV head by the mean attention
-probability the verify queries gave it, rematerialised from the pass's log-sum-exp. The newest tokens are always
-kept, the best-scoring older ones fill the budget, and each following draft step appends its own new slot.
+probability the verify queries gave it (attention.pillar_scores). The newest tokens are always kept, the
+best-scoring older ones fill the budget, and each following draft step appends its own new slot.
 Positions are logical (0 .. kv_len-1); callers map them to pool slots through the row's page table.
 """
 
@@ -36,44 +36,6 @@ def pillar_budget(kv_len: jax.Array, ratio: float, min_budget: int) -> jax.Array
     whole, rest = kv_len // den, kv_len % den
     proportional = num * whole + (num * rest + den - 1) // den
     return jnp.minimum(kv_len, jnp.maximum(int(min_budget), proportional)).astype(jnp.int32)
-
-
-def pillar_scores(q: jax.Array, keys: jax.Array, lse: jax.Array, q_len: jax.Array, kv_len: jax.Array,
-                  scale: float | None = None) -> jax.Array:
-    """Mean rematerialised attention probability per (row, KV head, key): f32[R, Hkv, S].
-
-    q [R, T, Hq, D]: the verify queries, query t of row r at position kv_len - q_len + t (t < q_len real);
-    keys [R, S, Hkv, D]: the row's keys by logical position; lse [R, T, Hq]: the verify pass's natural-log
-    sum-exp of scale * q.k over each query's visible keys. A key's score averages exp(scale * q.k - lse) over
-    the (query, query head of its group) pairs that can see it; -inf where no pair sees it (j >= kv_len, or a
-    row without queries), as in pallas_kernels.pillar_scores.
-    """
-    rows, width, num_q_heads, head_dim = q.shape
-    num_keys, num_kv_heads = keys.shape[1], keys.shape[2]
-    if keys.shape[0] != rows or keys.shape[3] != head_dim or num_q_heads % num_kv_heads:
-        raise SelectionError(f"keys: shape {keys.shape} does not fit queries {q.shape} "
-                             f"(need [R, S, Hkv, D] with Hq a multiple of Hkv)")
-    if lse.shape != (rows, width, num_q_heads):
-        raise SelectionError(f"lse: expected shape {(rows, width, num_q_heads)}, got {lse.shape}")
-    for name, value in (("q_len", q_len), ("kv_len", kv_len)):
-        if value.shape != (rows,):
-            raise SelectionError(f"{name}: expected shape {(rows,)}, got {value.shape}")
-    group = num_q_heads // num_kv_heads
-    scale = head_dim ** -0.5 if scale is None else scale
-
-    queries = q.astype(jnp.float32).reshape(rows, width, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("rtkgd,rskd->rkgts", queries, keys.astype(jnp.float32)) * scale
-    row_lse = lse.astype(jnp.float32).reshape(rows, width, num_kv_heads, group).transpose(0, 2, 3, 1)
-
-    t = jnp.arange(width, dtype=jnp.int32)
-    j = jnp.arange(num_keys, dtype=jnp.int32)
-    query_pos = kv_len[:, None] - q_len[:, None] + t[None, :]                             # [R, T]
-    visible = (j[None, None, :] <= query_pos[:, :, None]) & (t[None, :, None] < q_len[:, None, None])
-    probs = jnp.where(visible[:, None, None], jnp.exp(logits - row_lse[..., None]), 0.0)   # [R, Hkv, G, T, S]
-    total = jnp.sum(probs, axis=(2, 3))                                                    # [R, Hkv, S]
-    pairs = group * jnp.sum(visible, axis=1, dtype=jnp.int32)                              # [R, S]
-    scores = total / jnp.maximum(pairs, 1)[:, None, :].astype(jnp.float32)
-    return jnp.where(pairs[:, None, :] > 0, scores, -jnp.inf)
 
 
 def select_tokens(scores: jax.Array, kv_len: jax.Array, num_recent: jax.Array, budget: jax.Array,
