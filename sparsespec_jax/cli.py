@@ -255,8 +255,19 @@ def run_convert(args) -> int:
     return EXIT_OK
 
 
+def enable_compilation_cache() -> None:
+    """Reuse compiled steps across runs (seconds per shape on small machines); JAX_COMPILATION_CACHE_DIR wins."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir",
+                          str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsespec-jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compilation_cache()
     try:
         if args.command == "convert":
             return run_convert(args)
