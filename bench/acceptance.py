@@ -34,7 +34,7 @@ GRID = [
 def run_config(loaded, prompts, method, k, ratio, temperature, args) -> dict:
     spec = SpecConfig(method=method, k=k, budget_ratio=ratio, min_budget=args.min_budget)
     context = max(map(len, prompts)) + args.new_tokens
-    config = EngineConfig(dtype=args.dtype, max_batch_size=len(prompts), max_model_len=context,
+    config = EngineConfig(attention_backend=args.attention_backend, dtype=args.dtype, max_batch_size=len(prompts), max_model_len=context,
                           kv_cache_tokens=len(prompts) * (context + k + 16), max_num_batched_tokens=2048,
                           prefill_chunk_size=256, min_context_bucket=context + k + 1)
     engine = Engine(loaded.config, loaded.params, loaded.tokenizer, config, spec)
@@ -49,6 +49,7 @@ def run_config(loaded, prompts, method, k, ratio, temperature, args) -> dict:
     tokens = sum(len(r.output_ids) for r in requests)
     return {"method": method, "k": k, "budget_ratio": ratio, "temperature": temperature,
             "min_budget": args.min_budget, "prompts": len(prompts), "new_tokens": args.new_tokens,
+            "attention_backend": engine.backend,
             "acceptance_mean": accepted / verifies, "accept_rate": accepted / drafted if drafted else 0.0,
             "tokens_per_round": tokens / verifies, "verifies": verifies, "output_tokens": tokens,
             "wall_s": wall}
@@ -88,7 +89,7 @@ def report(results: list[dict], name: str, device: str, date: str) -> None:
              f"{r['wall_s']:.1f}"] for r in results]
     first = results[0]
     markdown = (f"# Draft acceptance — SmolLM2-135M-Instruct, {first['prompts']} prompts x {first['new_tokens']} "
-                f"new tokens, {device}, {date}\n\nfloat32, attention: reference. acceptance_mean = accepted drafts "
+                f"new tokens, {device}, {date}\n\nfloat32. acceptance_mean = accepted drafts "
                 f"per verification; accept rate = accepted / drafted.\n\n" + markdown_table(header, rows))
     write_result(name, {"device": device, "date": date, "results": results}, markdown)
     plot(results, RESULTS / f"{name}.png")
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--name", default="acceptance")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=2048)
     parser.add_argument("--min-budget", type=int, default=128)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import device_description, markdown_table, reasoning_prompts, today, write_result
+from sparsespec_jax.attention import resolve_backend
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.kv_cache import KVCache
@@ -56,7 +57,7 @@ def smollm2_rows(args) -> list[list]:
     for batch in args.batch:
         prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
                    for p in reasoning_prompts(batch)]
-        config = EngineConfig(dtype=args.dtype, max_batch_size=batch, max_model_len=1024,
+        config = EngineConfig(attention_backend=args.attention_backend, dtype=args.dtype, max_batch_size=batch, max_model_len=1024,
                               kv_cache_tokens=batch * 1024, max_num_batched_tokens=max(512, batch),
                               prefill_chunk_size=128)
         engine = Engine(loaded.config, loaded.params, tok, config)
@@ -96,7 +97,7 @@ def qwen3_rows(args) -> list[list]:
     tokenizer = load_model(args.model).tokenizer     # any tokenizer: ids past its vocabulary decode to ""
     rows = []
     for batch in args.qwen3_batch:
-        config = EngineConfig(dtype="bfloat16", max_batch_size=batch, max_model_len=args.qwen3_context + 512,
+        config = EngineConfig(attention_backend=args.attention_backend, dtype="bfloat16", max_batch_size=batch, max_model_len=args.qwen3_context + 512,
                               kv_cache_tokens=batch * (args.qwen3_context + 512),
                               max_num_batched_tokens=max(512, batch))
         engine = Engine(cfg, params, tokenizer, config)
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--name", default="decode_throughput")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--qwen3-context", type=int, default=4096, help="0 skips the Qwen3-shaped run")
@@ -127,7 +129,7 @@ def main() -> None:
     header = ["model", "dtype", "batch", "context", "median step ms", "decode tok/s", "end-to-end tok/s", "steps"]
     device = device_description()
     markdown = (f"# Vanilla decode throughput — {device}, {today()}\n\n"
-                f"Attention backend: reference (pure jnp). Command: see bench/decode_throughput.py.\n\n"
+                f"Attention backend: {resolve_backend(args.attention_backend)}. Script: bench/decode_throughput.py.\n\n"
                 + markdown_table(header, rows))
     write_result(args.name, {"device": device, "date": today(), "header": header, "rows": rows}, markdown)
     print(markdown)

@@ -42,13 +42,15 @@ DTYPE = jnp.bfloat16
 TARGETS_TBPS = {"verify": 3.6, "sparse": 2.5}
 TOPK_TARGET_MS = 0.5
 
-# (block_kv, num_warps, num_stages, kv_splits); kv_splits None = the kernel's own choice.
-ATTENTION_VARIANTS = [(64, 4, 2, None), (64, 4, 3, None), (64, 8, 3, None), (128, 8, 2, None), (32, 4, 4, None),
-                      (64, 4, 3, 1), (64, 4, 3, 4)]
-SPARSE_VARIANTS = [(64, 4, 2, None), (64, 4, 3, None), (32, 4, 3, None), (128, 4, 2, None), (64, 4, 3, 1),
-                   (32, 4, 3, 4)]
-SCORE_VARIANTS = [(64, 4, 2, None), (64, 4, 3, None), (128, 4, 2, None), (32, 4, 3, None), (128, 8, 3, None)]
-TOPK_WARPS = [8, 16, 4]
+# (block_kv, num_warps, num_stages, kv_splits); None = the kernel's own choice, so DEFAULTS measures the defaults.
+DEFAULTS = (None, 4, None, None)
+ATTENTION_VARIANTS = [DEFAULTS, (32, 4, 4, None), (32, 4, 4, 1), (32, 4, 3, None), (32, 4, 5, None),
+                      (16, 4, 6, None), (64, 4, 3, 1), (64, 4, 3, None)]
+SPARSE_VARIANTS = [DEFAULTS, (32, 4, 3, 4), (32, 4, 2, 4), (32, 4, 3, 8), (16, 4, 4, 8), (64, 4, 3, 2), (32, 2, 3, 4),
+                   (32, 4, 3, 2)]
+SCORE_VARIANTS = [DEFAULTS, (64, 4, 2, None), (64, 4, 2, 2), (128, 4, 2, None), (64, 4, 3, None), (128, 8, 2, None),
+                  (32, 4, 3, None)]
+TOPK_WARPS = [4, 8]
 
 
 class Deadline:
@@ -132,25 +134,36 @@ class Bench:
         try:
             seconds = median_seconds(fn, fixed, sets, reps=reps)
         except Exception as error:          # noqa: BLE001 - a failing variant must not stop the run
-            message = str(error).strip().splitlines()
-            self.record(op, model, shape, impl, config, None, nbytes, f"FAILED: {message[-1][:160] if message else error!r}")
+            lines = str(error).strip().splitlines()
+            reason = lines[-1][:160] if lines else repr(error)
+            self.record(op, model, shape, impl, config, None, nbytes, f"FAILED: {reason}")
             return None
         self.record(op, model, shape, impl, config, seconds, nbytes)
         return seconds
 
 
 def variant_name(variant):
+    if variant == DEFAULTS:
+        return "defaults"
     block_kv, warps, stages, splits = variant
-    return f"bk{block_kv} w{warps} s{stages} sp{'auto' if splits is None else splits}"
+    return f"bk{block_kv or 'auto'} w{warps} s{stages or 'auto'} sp{'auto' if splits is None else splits}"
+
+
+def automatic_splits(variant):
+    """A swept tile configuration carried to another shape, whose split count the kernel picks itself."""
+    return variant[:3] + (None,)
+
+
+def tile_options(variant):
+    """Keyword arguments of a variant, leaving out what the kernel should choose itself."""
+    names = ("block_kv", "num_warps", "num_stages", "kv_splits")
+    return {name: value for name, value in zip(names, variant) if value is not None}
 
 
 def attention_fn(variant, queries):
-    block_kv, warps, stages, splits = variant
-
     def run(k_pool, v_pool, q, q_start, q_len, kv_len, tables):
         return ragged_paged_attention(q, k_pool, v_pool, LAYER, q_start, q_len, kv_len, tables, page_size=PAGE_SIZE,
-                                      max_q_len=queries, block_kv=block_kv, kv_splits=splits, num_warps=warps,
-                                      num_stages=stages)
+                                      max_q_len=queries, **tile_options(variant))
     return run
 
 
@@ -170,11 +183,8 @@ def jax_paged_attention_fn():
 
 
 def sparse_fn(variant):
-    block_kv, warps, stages, splits = variant
-
     def run(k_pool, v_pool, q, slots, count):
-        return sparse_decode_attention(q, k_pool, v_pool, LAYER, slots, count, block_kv=block_kv, kv_splits=splits,
-                                       num_warps=warps, num_stages=stages)
+        return sparse_decode_attention(q, k_pool, v_pool, LAYER, slots, count, **tile_options(variant))
     return run
 
 
@@ -183,12 +193,9 @@ def sparse_reference_fn(k_pool, v_pool, q, slots, count):
 
 
 def scores_fn(variant):
-    block_kv, warps, stages, splits = variant
-
     def run(k_pool, q, q_start, q_len, kv_len, tables, lse):
         return pillar_scores_paged(q, k_pool, LAYER, q_start, q_len, kv_len, tables, lse, page_size=PAGE_SIZE,
-                                   max_q_len=VERIFY_QUERIES, block_kv=block_kv, kv_splits=splits, num_warps=warps,
-                                   num_stages=stages)
+                                   max_q_len=VERIFY_QUERIES, **tile_options(variant))
     return run
 
 
@@ -227,7 +234,7 @@ def run_model(bench, model_name, shapes, *, sweep, peers, chosen=None):
         for op, queries in (("verify", VERIFY_QUERIES), ("decode", 1)):
             sets = paged_sets(model, batch, seq, queries, 4, key, pool_pages)
             nbytes = batch * seq * kv_row_bytes
-            variants = ATTENTION_VARIANTS if (sweep and main) else [chosen.get(op, ATTENTION_VARIANTS[0])]
+            variants = ATTENTION_VARIANTS if (sweep and main) else [automatic_splits(chosen.get(op, DEFAULTS))]
             best = best_of(bench, op, model_name, shape, variants, lambda v: attention_fn(v, queries),
                            (k_pool, v_pool), sets, nbytes)
             chosen.setdefault(op, best)
@@ -245,7 +252,7 @@ def run_model(bench, model_name, shapes, *, sweep, peers, chosen=None):
         sets = sparse_sets(model, batch, budget, 16, key, pool_pages * PAGE_SIZE)
         nbytes = batch * budget * kv_row_bytes
         sparse_shape = f"{shape} K{budget}"
-        variants = SPARSE_VARIANTS if (sweep and main) else [chosen.get("sparse", SPARSE_VARIANTS[0])]
+        variants = SPARSE_VARIANTS if (sweep and main) else [automatic_splits(chosen.get("sparse", DEFAULTS))]
         chosen.setdefault("sparse", best_of(bench, "sparse", model_name, sparse_shape, variants, sparse_fn,
                                             (k_pool, v_pool), sets, nbytes))
         if main and peers:
@@ -257,7 +264,7 @@ def run_model(bench, model_name, shapes, *, sweep, peers, chosen=None):
         sets = [s + (jax.random.normal(jax.random.fold_in(key, 7 + i), s[0].shape[:2], jnp.float32) + 6.0,)
                 for i, s in enumerate(sets)]
         nbytes = batch * seq * kv_row_bytes // 2
-        variants = SCORE_VARIANTS if (sweep and main) else [chosen.get("scores", SCORE_VARIANTS[0])]
+        variants = SCORE_VARIANTS if (sweep and main) else [automatic_splits(chosen.get("scores", DEFAULTS))]
         chosen.setdefault("scores", best_of(bench, "scores", model_name, shape, variants, scores_fn, (k_pool,),
                                             sets, nbytes))
         if main and peers:

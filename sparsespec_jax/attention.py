@@ -1,6 +1,8 @@
-"""The one attention dispatch layer: every attention call of the engine goes through here.
+"""The one attention dispatch layer: every attention-shaped call of the engine goes through here.
 
-The reference path is pure jnp and runs anywhere; kernel paths plug in behind the same functions.
+Backends: "reference" (pure jnp, runs anywhere) and "pallas" (the Pallas kernels in pallas_kernels/, Triton
+lowering on GPU; interpreted on CPU, which is how CI checks them). "auto" picks pallas on GPU, reference
+elsewhere. Both compute the same functions; kernels sit beside their references.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ import dataclasses
 
 import jax
 
-from pallas_kernels.paged_attention import ragged_paged_attention_reference
-from pallas_kernels.pillar_scores import pillar_scores_paged_reference
-from pallas_kernels.sparse_attention import sparse_decode_attention_reference
+from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference
+from pallas_kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_reference
+from pallas_kernels.topk_select import topk_select, topk_select_reference
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "pallas")
 
 
 @jax.tree_util.register_dataclass
@@ -37,26 +40,46 @@ class AttentionMetadata:
 def resolve_backend(name: str) -> str:
     """Map a user choice ("auto" included) to a concrete backend name."""
     if name == "auto":
-        return "reference"
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
     if name not in BACKENDS:
         raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
     return name
 
 
+def _interpret() -> bool:
+    """Pallas GPU kernels are interpreted where there is no GPU to lower them for."""
+    return jax.default_backend() != "gpu"
+
+
 def paged_attention(backend: str, q, k_pool, v_pool, layer, meta: AttentionMetadata):
     """Full causal attention of every row's queries over its paged context: (out [N, Hq, D], lse [N, Hq])."""
-    return ragged_paged_attention_reference(
-        q, k_pool, v_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables,
-        page_size=meta.page_size, max_q_len=meta.max_q_len)
+    args = (q, k_pool, v_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
+    if backend == "pallas":
+        return ragged_paged_attention(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
+                                      interpret=_interpret())
+    return ragged_paged_attention_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
 
 
 def sparse_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count):
     """One query per row attending to its listed token slots: (out [R, Hq, D], lse [R, Hq])."""
+    if backend == "pallas":
+        return sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, interpret=_interpret())
     return sparse_decode_attention_reference(q, k_pool, v_pool, layer, slot_ids, count)
 
 
 def pillar_scores(backend: str, q, k_pool, layer, meta: AttentionMetadata, lse):
     """PillarAttn scores of a verify pass: mean rematerialized probability per (row, KV head, key position),
     from the pass's queries and LSE, re-reading K only: f32 [R, Hkv, P * page_size]."""
-    return pillar_scores_paged_reference(q, k_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables,
-                                         lse, page_size=meta.page_size, max_q_len=meta.max_q_len)
+    args = (q, k_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables, lse)
+    if backend == "pallas":
+        return pillar_scores_paged(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
+                                   interpret=_interpret())
+    return pillar_scores_paged_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
+
+
+def top_k_positions(backend: str, scores, k, max_k: int):
+    """The k[r] best positions of every (row, head) of scores [R, H, S], ascending, ties to the lower position:
+    (indices int32 [R, H, max_k], count int32 [R])."""
+    if backend == "pallas":
+        return topk_select(scores, k, max_k=max_k, interpret=_interpret())
+    return topk_select_reference(scores, k, max_k=max_k)

@@ -30,16 +30,18 @@ LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
 MIN_DOT_ROWS = 16          # smallest M (and K-block) the Triton matrix instructions accept
 MAX_QUERY_ROWS = 128       # query rows (tokens x heads) per tile
-TARGET_PROGRAMS = 1024     # enough programs to keep every SM of a large GPU busy
+WIDE_TILE_ROWS = 64        # from this many query rows a tile is compute-heavy enough to prefer short KV steps
+STREAMING_PROGRAMS = 512   # long KV walks: ~4 programs per SM of an H100/H200 hide the page-gather latency
 
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def choose_kv_splits(programs_without_split: int, num_kv_blocks: int) -> int:
-    """Split the KV range only as much as needed to reach TARGET_PROGRAMS programs."""
-    wanted = -(-TARGET_PROGRAMS // max(1, programs_without_split))
+def choose_kv_splits(programs_without_split: int, num_kv_blocks: int,
+                     target_programs: int = STREAMING_PROGRAMS) -> int:
+    """Split the KV range only as much as needed to reach target_programs programs (splits cost a merge)."""
+    wanted = -(-target_programs // max(1, programs_without_split))
     return max(1, min(wanted, num_kv_blocks))
 
 
@@ -138,14 +140,18 @@ def _ragged_paged_attention_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref
 def ragged_paged_attention(q, k_pool, v_pool, layer, q_start, q_len, kv_len, page_tables, *,
                            page_size: int, max_q_len: int, scale: float | None = None,
                            block_kv: int | None = None, kv_splits: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+                           num_warps: int = 4, num_stages: int | None = None, interpret: bool = False):
     """Ragged paged attention over the whole pool; returns (out f32[N, Hq, D], lse f32[N, Hq]).
 
     block_kv: KV positions per inner step (power of 2, >= 16); kv_splits: KV ranges per (row, head, tile)
-    merged afterwards (None picks enough to fill the GPU).
+    merged afterwards; num_stages: software-pipeline depth of the K/V loads. None picks what measured
+    fastest on an H200 (bench/results/kernels_h200.md): short steps with deep pipelines for wide query
+    tiles (verify, prefill), longer steps for decode tiles, and splits only when rows are too few.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    num_layers, num_kv_heads, pool_slots, pool_head_dim = k_pool.shape
+    if k_pool.ndim != 4:
+        raise ValueError(f"k_pool must be [layers, kv_heads, slots, head_dim], got shape {k_pool.shape}")
+    _, num_kv_heads, _, pool_head_dim = k_pool.shape
     num_rows, num_pages = page_tables.shape
     if v_pool.shape != k_pool.shape:
         raise ValueError(f"v_pool shape {v_pool.shape} differs from k_pool shape {k_pool.shape}")
@@ -164,12 +170,13 @@ def ragged_paged_attention(q, k_pool, v_pool, layer, q_start, q_len, kv_len, pag
     if group > MAX_QUERY_ROWS:
         raise ValueError(f"{group} query heads per KV head exceed the tile limit {MAX_QUERY_ROWS}")
     scale = head_dim ** -0.5 if scale is None else scale
-    block_kv = block_kv or (64 if head_dim >= 128 else 128)
-    if block_kv < MIN_DOT_ROWS or block_kv != next_power_of_2(block_kv):
-        raise ValueError(f"block_kv {block_kv} must be a power of 2 >= {MIN_DOT_ROWS}")
-
     queries_per_tile = max(1, min(max_q_len, MAX_QUERY_ROWS // group))
     tile_rows = max(MIN_DOT_ROWS, next_power_of_2(queries_per_tile * group))
+    wide_tile = tile_rows >= WIDE_TILE_ROWS
+    block_kv = block_kv or (32 if wide_tile else 64)
+    num_stages = num_stages or (4 if wide_tile else 3)
+    if block_kv < MIN_DOT_ROWS or block_kv != next_power_of_2(block_kv):
+        raise ValueError(f"block_kv {block_kv} must be a power of 2 >= {MIN_DOT_ROWS}")
     num_query_tiles = -(-max_q_len // queries_per_tile)
     num_kv_blocks = -(-(num_pages * page_size) // block_kv)
     if kv_splits is None:

@@ -20,6 +20,8 @@ from pallas_kernels.paged_attention.triton_kernel import (
     LOG2_E, MAX_QUERY_ROWS, MIN_DOT_ROWS, choose_kv_splits, finish_softmax, merge_kv_splits, next_power_of_2,
     online_softmax_update)
 
+SHORT_LIST_PROGRAMS = 2048  # draft lists are a few blocks long: more, shorter programs overlap their latencies
+
 
 def _sparse_decode_attention_kernel(layer_ref, count_ref, slot_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
                                     group, tile_rows, block_kv, blocks_per_split, list_len, logit_scale2):
@@ -62,10 +64,13 @@ def sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, *, scale:
     """Attention of one query token per row over its listed pool slots; returns (out f32[R, Hq, D], lse f32[R, Hq]).
 
     block_kv: slots per inner step (power of 2, >= 16); kv_splits: slot-list ranges merged afterwards
-    (None picks enough to fill the GPU).
+    (None picks enough to fill the GPU). The defaults measured fastest on an H200
+    (bench/results/kernels_h200.md).
     """
     num_rows, num_q_heads, head_dim = q.shape
-    num_layers, num_kv_heads, pool_slots, pool_head_dim = k_pool.shape
+    if k_pool.ndim != 4:
+        raise ValueError(f"k_pool must be [layers, kv_heads, slots, head_dim], got shape {k_pool.shape}")
+    _, num_kv_heads, _, pool_head_dim = k_pool.shape
     if v_pool.shape != k_pool.shape:
         raise ValueError(f"v_pool shape {v_pool.shape} differs from k_pool shape {k_pool.shape}")
     if pool_head_dim != head_dim:
@@ -85,14 +90,14 @@ def sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, *, scale:
     if list_len < 1:
         raise ValueError("slot_ids must list at least one slot per (row, KV head)")
     scale = head_dim ** -0.5 if scale is None else scale
-    block_kv = block_kv or 64
+    block_kv = block_kv or 32
     if block_kv < MIN_DOT_ROWS or block_kv != next_power_of_2(block_kv):
         raise ValueError(f"block_kv {block_kv} must be a power of 2 >= {MIN_DOT_ROWS}")
 
     tile_rows = max(MIN_DOT_ROWS, next_power_of_2(group))
     num_blocks = -(-list_len // block_kv)
     if kv_splits is None:
-        kv_splits = choose_kv_splits(num_rows * num_kv_heads, num_blocks)
+        kv_splits = choose_kv_splits(num_rows * num_kv_heads, num_blocks, SHORT_LIST_PROGRAMS)
     kv_splits = max(1, min(kv_splits, num_blocks))
     blocks_per_split = -(-num_blocks // kv_splits)
 

@@ -146,7 +146,7 @@ def _topk_select_kernel(k_ref, scores_ref, out_ref, *, num_positions, chunk, num
         plgpu.store(out_ref.at[row, head, jnp.where(unused, entries, max_k)], jnp.zeros_like(entries), mask=unused)
 
 
-def topk_select(scores, k, *, max_k: int, max_resident: int = 8192, num_warps: int = 8, num_stages: int = 1,
+def topk_select(scores, k, *, max_k: int, max_resident: int = 8192, num_warps: int = 4, num_stages: int = 1,
                 interpret: bool = False):
     """Per (row, head) the k[row] largest scores: (indices int32[R, H, max_k] ascending, count int32[R])."""
     if scores.ndim != 3:

@@ -42,11 +42,14 @@ def with_draft_positions(positions, count, start, k: int):
     return jnp.where(appended[:, None, None, :], value, positions)
 
 
-def pillar_refresh(scores, kv_len, num_recent, spec: SpecConfig, capacity: int):
-    """New sets from verify scores [L, R, Hkv, S]: newest num_recent kept, best older ones fill the budget."""
+def pillar_refresh(scores, kv_len, num_recent, spec: SpecConfig, capacity: int, backend: str):
+    """New sets from verify scores [L, R, Hkv, S]: newest num_recent kept, best older ones fill the budget.
+    All layers and heads of a row go through one top-K call."""
+    layers, rows, heads, keys = scores.shape
     budget = pillar_budget(kv_len, spec.budget_ratio, spec.min_budget)
-    positions, count = jax.vmap(lambda s: select_tokens(s, kv_len, num_recent, budget, capacity))(scores)
-    return positions.transpose(1, 0, 2, 3), count[0]                               # [R, L, Hkv, C], [R]
+    per_row = scores.transpose(1, 0, 2, 3).reshape(rows, layers * heads, keys)
+    positions, count = select_tokens(per_row, kv_len, num_recent, budget, capacity, backend)
+    return positions.reshape(rows, layers, heads, capacity), count                 # [R, L, Hkv, C], [R]
 
 
 def streaming_refresh(kv_len, spec: SpecConfig, num_layers: int, num_kv_heads: int, capacity: int):

@@ -111,7 +111,7 @@ def speculative_round(model: Transformer, kv: KVCache, sets: DraftSets, batch: R
     committed = batch.start + num_emitted
     capacity = None if sets is None else sets.capacity
     if spec.method == "pillar":
-        new_positions, new_count = pillar_refresh(scores, committed, num_emitted, spec, capacity)
+        new_positions, new_count = pillar_refresh(scores, committed, num_emitted, spec, capacity, backend)
     elif spec.method == "streaming":
         new_positions, new_count = streaming_refresh(committed, spec, cfg.num_layers, cfg.num_kv_heads, capacity)
     else:

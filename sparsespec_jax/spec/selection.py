@@ -14,6 +14,8 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 
+from sparsespec_jax.attention import top_k_positions
+
 # ratio is applied as the nearest fraction with a denominator up to this, so ceil(ratio * kv_len) is exact
 # integer arithmetic (float32 rounding would otherwise move the budget by one at exact multiples).
 RATIO_DENOMINATOR_LIMIT = 10_000
@@ -39,14 +41,14 @@ def pillar_budget(kv_len: jax.Array, ratio: float, min_budget: int) -> jax.Array
 
 
 def select_tokens(scores: jax.Array, kv_len: jax.Array, num_recent: jax.Array, budget: jax.Array,
-                  capacity: int):
+                  capacity: int, backend: str = "reference"):
     """Positions each (row, KV head) attends to: (positions int32[R, Hkv, capacity], count int32[R]).
 
     The newest num_recent positions (kv_len - num_recent .. kv_len - 1) are always kept; the rest of the
     budget goes to the best-scoring older positions (ties: lower position first). count = min(budget, kv_len),
     raised to num_recent if the budget is smaller and capped at capacity. The first count entries are the
     chosen positions in ascending order; later entries are 0 (callers mask by count). capacity must leave room
-    for the draft slots append_slot adds later.
+    for the draft slots append_slot adds later. `backend` picks the top-K implementation (attention dispatch).
     """
     if scores.ndim != 3:
         raise SelectionError(f"scores: expected [R, Hkv, S], got shape {scores.shape}")
@@ -64,15 +66,13 @@ def select_tokens(scores: jax.Array, kv_len: jax.Array, num_recent: jax.Array, b
 
     j = jnp.arange(num_keys, dtype=jnp.int32)
     older = jnp.where(j[None, None, :] < older_end[:, None, None], scores.astype(jnp.float32), -jnp.inf)
-    _, best = jax.lax.top_k(older, min(int(capacity), num_keys))                             # [R, Hkv, K]
+    best, picked = top_k_positions(backend, older, jnp.maximum(count - num_recent, 0), int(capacity))
 
+    # Older picks first (ascending, all below older_end), then the recent run: ascending overall.
     slot = jnp.arange(capacity, dtype=jnp.int32)[None, None, :]
-    recent = older_end[:, None, None] + slot
-    pick = jnp.take_along_axis(best, jnp.clip(slot - num_recent[:, None, None], 0, best.shape[-1] - 1), axis=-1)
-    chosen = jnp.where(slot < num_recent[:, None, None], recent, pick)
-    live = slot < count[:, None, None]
-    ordered = jnp.sort(jnp.where(live, chosen, num_keys), axis=-1)
-    return jnp.where(live, ordered, 0), count
+    recent = older_end[:, None, None] + slot - picked[:, None, None]
+    positions = jnp.where(slot < picked[:, None, None], best, jnp.where(slot < count[:, None, None], recent, 0))
+    return positions, count
 
 
 def append_slot(positions: jax.Array, count: jax.Array, new_pos: jax.Array):
