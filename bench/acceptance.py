@@ -75,6 +75,7 @@ def plot(results: list[dict], path) -> None:
              title="s = 0.05, min_budget 128, T = 0.6")
     by_s.set(xlabel="budget ratio s", ylabel="mean accepted per verify", title="k = 8, min_budget 128, T = 0.6")
     for axis in (by_k, by_s):
+        axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
         axis.legend()
     fig.suptitle("SmolLM2-135M-Instruct, 64 reasoning prompts, 2048 new tokens")

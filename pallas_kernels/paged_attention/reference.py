@@ -32,24 +32,32 @@ def row_query_tokens(q_start: jax.Array, q_len: jax.Array, max_q_len: int):
     return tokens, valid
 
 
+def row_logits(q, k_pool, layer, q_start, q_len, kv_len, page_tables, *, page_size: int, max_q_len: int,
+               scale: float | None):
+    """Scaled q.k of every (row, KV head, group head, query, key position), float32 [R, Hkv, G, T, S], with
+    causal visibility [R, T, S], the row-query token indices and validity [R, T], and the pool slots [R, S]."""
+    num_q_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_pool.shape[1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    slots = gather_row_slots(page_tables, page_size)                      # [R, S]
+    keys = k_pool[layer, :, slots].astype(jnp.float32)                    # [R, S, Hkv, D]
+    tokens, valid = row_query_tokens(q_start, q_len, max_q_len)           # [R, T]
+    queries = q[tokens].astype(jnp.float32).reshape(*tokens.shape, num_kv_heads, num_q_heads // num_kv_heads,
+                                                    head_dim)
+    positions = kv_len[:, None] - q_len[:, None] + jnp.arange(max_q_len)[None, :]
+    logits = jnp.einsum("rtkgd,rskd->rkgts", queries, keys) * scale
+    key_pos = jnp.arange(slots.shape[1])
+    visible = (key_pos[None, None, :] <= positions[:, :, None]) & valid[:, :, None]
+    return logits, visible, tokens, valid, slots
+
+
 def ragged_paged_attention_reference(q, k_pool, v_pool, layer, q_start, q_len, kv_len, page_tables, *,
                                      page_size: int, max_q_len: int, scale: float | None = None):
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_pool.shape[1]
-    group = num_q_heads // num_kv_heads
-    scale = head_dim ** -0.5 if scale is None else scale
     num_rows = page_tables.shape[0]
-
-    slots = gather_row_slots(page_tables, page_size)                      # [R, S]
-    keys = k_pool[layer, :, slots].astype(jnp.float32)                    # [R, S, Hkv, D]
-    values = v_pool[layer, :, slots].astype(jnp.float32)
-    tokens, valid = row_query_tokens(q_start, q_len, max_q_len)           # [R, T]
-    queries = q[tokens].astype(jnp.float32).reshape(num_rows, max_q_len, num_kv_heads, group, head_dim)
-    positions = kv_len[:, None] - q_len[:, None] + jnp.arange(max_q_len)[None, :]
-
-    logits = jnp.einsum("rtkgd,rskd->rkgts", queries, keys) * scale
-    key_pos = jnp.arange(slots.shape[1])
-    visible = (key_pos[None, None, :] <= positions[:, :, None]) & valid[:, :, None]   # [R, T, S]
+    logits, visible, tokens, valid, slots = row_logits(q, k_pool, layer, q_start, q_len, kv_len, page_tables,
+                                                       page_size=page_size, max_q_len=max_q_len, scale=scale)
+    values = v_pool[layer, :, slots].astype(jnp.float32)                  # [R, S, Hkv, D]
     logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)                                # [R, Hkv, G, T]
     probs = jnp.where(visible[:, None, None], jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]), 0.0)

@@ -15,27 +15,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention.reference import gather_row_slots, row_query_tokens
+from pallas_kernels.paged_attention.reference import row_logits
 
 
 def pillar_scores_paged_reference(q, k_pool, layer, q_start, q_len, kv_len, page_tables, lse, *,
                                   page_size: int, max_q_len: int, scale: float | None = None):
-    num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[1]
-    group = num_q_heads // num_kv_heads
-    scale = head_dim ** -0.5 if scale is None else scale
-    num_rows = page_tables.shape[0]
-
-    slots = gather_row_slots(page_tables, page_size)                      # [R, S]
-    keys = k_pool[layer, :, slots].astype(jnp.float32)                    # [R, S, Hkv, D]
-    tokens, valid = row_query_tokens(q_start, q_len, max_q_len)           # [R, T]
-    queries = q[tokens].astype(jnp.float32).reshape(num_rows, max_q_len, num_kv_heads, group, head_dim)
-    query_lse = lse[tokens].astype(jnp.float32).reshape(num_rows, max_q_len, num_kv_heads, group)
-    positions = kv_len[:, None] - q_len[:, None] + jnp.arange(max_q_len)[None, :]
-
-    logits = jnp.einsum("rtkgd,rskd->rkgts", queries, keys) * scale
-    key_pos = jnp.arange(slots.shape[1])
-    visible = (key_pos[None, None, :] <= positions[:, :, None]) & valid[:, :, None]   # [R, T, S]
+    group = q.shape[1] // num_kv_heads
+    logits, visible, tokens, _, _ = row_logits(q, k_pool, layer, q_start, q_len, kv_len, page_tables,
+                                               page_size=page_size, max_q_len=max_q_len, scale=scale)
+    query_lse = lse[tokens].astype(jnp.float32).reshape(*tokens.shape, num_kv_heads, group)
     probs = jnp.exp(logits - query_lse.transpose(0, 2, 3, 1)[..., None])
     total = jnp.where(visible[:, None, None], probs, 0.0).sum(axis=(2, 3))            # [R, Hkv, S]
     pairs = group * visible.sum(axis=1)                                                # [R, S]
