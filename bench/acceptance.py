@@ -34,7 +34,8 @@ GRID = [
 def run_config(loaded, prompts, method, k, ratio, temperature, args) -> dict:
     spec = SpecConfig(method=method, k=k, budget_ratio=ratio, min_budget=args.min_budget)
     context = max(map(len, prompts)) + args.new_tokens
-    config = EngineConfig(attention_backend=args.attention_backend, dtype=args.dtype, max_batch_size=len(prompts), max_model_len=context,
+    config = EngineConfig(attention_backend=args.attention_backend, dtype=args.dtype,
+                          max_batch_size=len(prompts), max_model_len=context,
                           kv_cache_tokens=len(prompts) * (context + k + 16), max_num_batched_tokens=2048,
                           prefill_chunk_size=256, min_context_bucket=context + k + 1)
     engine = Engine(loaded.config, loaded.params, loaded.tokenizer, config, spec)

@@ -57,7 +57,8 @@ def smollm2_rows(args) -> list[list]:
     for batch in args.batch:
         prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
                    for p in reasoning_prompts(batch)]
-        config = EngineConfig(attention_backend=args.attention_backend, dtype=args.dtype, max_batch_size=batch, max_model_len=1024,
+        config = EngineConfig(attention_backend=args.attention_backend, dtype=args.dtype, max_batch_size=batch,
+                              max_model_len=1024,
                               kv_cache_tokens=batch * 1024, max_num_batched_tokens=max(512, batch),
                               prefill_chunk_size=128)
         engine = Engine(loaded.config, loaded.params, tok, config)
@@ -97,7 +98,8 @@ def qwen3_rows(args) -> list[list]:
     tokenizer = load_model(args.model).tokenizer     # any tokenizer: ids past its vocabulary decode to ""
     rows = []
     for batch in args.qwen3_batch:
-        config = EngineConfig(attention_backend=args.attention_backend, dtype="bfloat16", max_batch_size=batch, max_model_len=args.qwen3_context + 512,
+        config = EngineConfig(attention_backend=args.attention_backend, dtype="bfloat16", max_batch_size=batch,
+                              max_model_len=args.qwen3_context + 512,
                               kv_cache_tokens=batch * (args.qwen3_context + 512),
                               max_num_batched_tokens=max(512, batch))
         engine = Engine(cfg, params, tokenizer, config)

@@ -97,10 +97,11 @@ class Engine:
         num_pages = -(-config.kv_cache_tokens // config.page_size) + 1      # + the reserved padding page
         pool_tokens = (num_pages - 1) * config.page_size
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        if self.max_model_len > pool_tokens:
-            raise ValueError(f"kv_cache_tokens ({config.kv_cache_tokens}) must hold at least one full-length "
-                             f"request (max_model_len {self.max_model_len}); raise it or lower max_model_len")
         lookahead = spec.k if spec.speculative else 0    # draft/verify writes past the newest token
+        if self.max_model_len + lookahead > pool_tokens:
+            raise ValueError(f"kv_cache_tokens ({config.kv_cache_tokens}) must hold at least one full-length "
+                             f"request (max_model_len {self.max_model_len} + {lookahead} speculative slots); "
+                             f"raise it or lower max_model_len")
         self.limits = BucketLimits(max_rows=config.max_batch_size, max_tokens=config.max_num_batched_tokens,
                                    max_q_len=config.prefill_chunk_size,
                                    max_pages=-(-(self.max_model_len + lookahead) // config.page_size),

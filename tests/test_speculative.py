@@ -89,3 +89,14 @@ def test_sampled_speculation_runs_and_respects_max_tokens(make_engine, smollm2):
 def test_spec_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         SpecConfig(**{field: value})
+
+
+def test_preemption_under_speculation_keeps_outputs(make_engine, smollm2):
+    """Rounds need k spare slots per row; a tight pool preempts and recomputes without changing tokens."""
+    prompts = prompt_ids(smollm2.tokenizer)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    roomy = generate(make_engine("none", max_batch_size=4), prompts, params)
+    tight = make_engine("pillar", max_batch_size=4, kv_cache_tokens=192, max_model_len=160, page_size=8,
+                        min_context_bucket=64, **SPARSE)
+    assert generate(tight, prompts, params) == roomy
+    assert tight.scheduler.num_preemptions > 0
