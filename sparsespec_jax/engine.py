@@ -17,7 +17,7 @@ from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
 from sparsespec_jax.model import Transformer
-from sparsespec_jax.request import Request, RequestStatus
+from sparsespec_jax.request import Request
 from sparsespec_jax.sampling import SamplingArrays, SamplingParams, sample_tokens
 from sparsespec_jax.scheduler import ScheduledRow, Scheduler
 from sparsespec_jax.spec.config import SpecConfig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Callable, Sequence
@@ -61,19 +60,20 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
         ids = [str(i) for i in range(len(prompts))] if request_ids is None else [str(i) for i in request_ids]
+        if len(ids) != len(prompts):
+            raise ValueError(f"request_ids: got {len(ids)} for {len(prompts)} prompts")
 
         encoded = []
-        for index, prompt in enumerate(prompts):
+        for prompt in prompts:
             if isinstance(prompt, str):
                 encoded.append((prompt, self.encode_prompt(prompt, chat)))
             else:
                 token_ids = [int(t) for t in prompt]
                 encoded.append((self.tokenizer.decode(token_ids), token_ids))
-        requests: list[Request] = []
-        for index, ((text, token_ids), params) in enumerate(zip(encoded, params_list)):
+        for index, ((_, token_ids), params) in enumerate(zip(encoded, params_list)):
             self.engine.validate(token_ids, params, f"prompt {index}")
-        for (text, token_ids), params, request_id in zip(encoded, params_list, ids):
-            requests.append(self.engine.add_request(token_ids, params, request_id, text))
+        requests = [self.engine.add_request(token_ids, params, request_id, text)
+                    for (text, token_ids), params, request_id in zip(encoded, params_list, ids)]
 
         progress = None
         if use_tqdm:
