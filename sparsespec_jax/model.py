@@ -54,9 +54,18 @@ class Transformer(nnx.Module):
         self.layers = LayerStack({name[len(LAYER_PREFIX):]: cast(value) for name, value in params.items()
                                   if name.startswith(LAYER_PREFIX)})
 
+    def matmul_precision(self):
+        """float32 weights get true float32 matmuls: TF32 (the GPU default) rounds differently for different
+        token counts, which would let a k+1-token verify disagree with one-token decoding on near-ties."""
+        return jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default")
+
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVCache, write_slots: jax.Array,
                  attend: AttendFn, layer_inputs: Any = None):
         """Run the flat token batch through all layers: (final hidden [N, D], kv, stacked per-layer outputs)."""
+        with self.matmul_precision():
+            return self._forward(tokens, positions, kv, write_slots, attend, layer_inputs)
+
+    def _forward(self, tokens, positions, kv: KVCache, write_slots, attend: AttendFn, layer_inputs):
         cfg = self.cfg
         n = tokens.shape[0]
         inv_freq = jnp.asarray(inverse_frequencies(cfg), jnp.float32)
@@ -93,7 +102,8 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits in float32 for hidden states [..., D]."""
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+        with self.matmul_precision():
+            return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
 
 
 def random_params(cfg: ModelConfig, seed: int, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
