@@ -101,6 +101,8 @@ def _cache_is_current(cache: Path, entry: RegistryEntry) -> bool:
 
 def _write_cache(cache: Path, loaded: LoadedModel, entry: RegistryEntry) -> None:
     """Replace a missing or stale cache; a failure to write only costs speed next time, so it warns."""
+    if _cache_is_current(cache, entry):       # a concurrent run published it while this one converted
+        return
     if cache.exists():
         if read_manifest(cache) is None and (not cache.is_dir() or any(cache.iterdir())):
             raise CheckpointError(f"{cache}: cache location of {entry.name!r} holds something that is not a "
