@@ -18,7 +18,7 @@ CHAT_QUESTIONS = [
     "Write a Python function that checks whether a string is a palindrome, then explain it.",
 ]
 # Small budgets so the draft steps really attend to a sparse subset of these few-hundred-token contexts.
-SPARSE = dict(spec_k=6, min_budget=24, budget_ratio=0.05)
+SPARSE = dict(spec_k=4, min_budget=24, budget_ratio=0.05)
 
 
 def prompt_ids(tokenizer) -> list[list[int]]:
@@ -93,10 +93,10 @@ def test_spec_config_validation(field, value, message):
 
 def test_preemption_under_speculation_keeps_outputs(make_engine, smollm2):
     """Rounds need k spare slots per row; a tight pool preempts and recomputes without changing tokens."""
-    prompts = prompt_ids(smollm2.tokenizer)
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = prompt_ids(smollm2.tokenizer)[1:]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     roomy = generate(make_engine("none", max_batch_size=4), prompts, params)
-    tight = make_engine("pillar", max_batch_size=4, kv_cache_tokens=192, max_model_len=160, page_size=8,
+    tight = make_engine("pillar", max_batch_size=4, kv_cache_tokens=160, max_model_len=128, page_size=8,
                         min_context_bucket=64, **SPARSE)
     assert generate(tight, prompts, params) == roomy
     assert tight.scheduler.num_preemptions > 0
