@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference
@@ -83,3 +84,14 @@ def top_k_positions(backend: str, scores, k, max_k: int):
     if backend == "pallas":
         return topk_select(scores, k, max_k=max_k, interpret=_interpret())
     return topk_select_reference(scores, k, max_k=max_k)
+
+
+def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, meta: AttentionMetadata):
+    """One step's attention for a mixed batch: the first slot_ids.shape[0] query tokens are sparse DRAFT rows
+    (one token each, attending to their listed slots), the remaining tokens belong to the ragged full-attention
+    rows of `meta` (verify, prefill and dense draft rows; meta.q_start counts from the first of them).
+    Returns (out [N, Hq, D], lse [N, Hq])."""
+    num_sparse = slot_ids.shape[0]
+    sparse_out, sparse_lse = sparse_attention(backend, q[:num_sparse], k_pool, v_pool, layer, slot_ids, count)
+    full_out, full_lse = paged_attention(backend, q[num_sparse:], k_pool, v_pool, layer, meta)
+    return jnp.concatenate([sparse_out, full_out]), jnp.concatenate([sparse_lse, full_lse])
