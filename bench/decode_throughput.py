@@ -26,7 +26,6 @@ from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.loading import DEFAULT_MODEL, load_model
 from sparsespec_jax.model import random_params
-from sparsespec_jax.request import RequestStatus
 from sparsespec_jax.sampling import SamplingParams
 
 QWEN3_1_7B = ModelConfig(arch="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28,
@@ -82,10 +81,9 @@ def place_at_context(engine: Engine, batch: int, context: int, new_tokens: int, 
     for _ in range(batch):
         request = engine.add_request(rng.integers(0, engine.model_config.vocab_size, context).tolist(), params)
         engine.scheduler.waiting.remove(request)
+        engine.scheduler.admit(request)
         engine.allocator.grow(request.pages, context + new_tokens + 1)
         request.num_computed = context - 1
-        request.status = RequestStatus.RUNNING
-        engine.scheduler.running.append(request)
     key_k, key_v = jax.random.split(jax.random.key(seed))
     shape, dtype = engine.kv.k.shape, engine.kv.k.dtype
     engine.kv = KVCache(k=jax.random.normal(key_k, shape, dtype), v=jax.random.normal(key_v, shape, dtype),

@@ -35,6 +35,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec-k", type=int, default=8, help="drafts verified per round")
     parser.add_argument("--budget-ratio", type=float, default=0.05, help="PillarAttn budget, fraction of context")
     parser.add_argument("--min-budget", type=int, default=128, help="PillarAttn budget floor in tokens")
+    parser.add_argument("--scheduler", default="unified", choices=["unified", "phased"],
+                        help="unified: staggered draft/verify rows in every step; phased: all verify together")
+    parser.add_argument("--sync", action="store_true",
+                        help="read every step's results before planning the next (no running ahead)")
+    parser.add_argument("--host-kv-tokens", type=int, default=65536,
+                        help="host memory pool for offloaded KV, in tokens (0: preempt and recompute instead)")
+    parser.add_argument("--profile", type=Path, default=None, help="write per-step metrics (JSONL) here")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +138,8 @@ def make_llm(args):
     return LLM(args.model or DEFAULT_MODEL, dtype=args.dtype, max_batch_size=args.max_batch_size,
                kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_model_len=args.max_model_len,
                max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
-               attention_backend=args.attention_backend, seed=args.engine_seed, spec=spec)
+               attention_backend=args.attention_backend, seed=args.engine_seed, spec=spec,
+               scheduler=args.scheduler, sync_host=args.sync, host_kv_tokens=args.host_kv_tokens)
 
 
 def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
@@ -144,11 +152,19 @@ def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
         "output_tokens": output_tokens, "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
         "wall_s": round(wall_s, 4), "tokens_per_s": round(output_tokens / wall_s, 2) if wall_s > 0 else None,
         "load_s": round(llm.load_seconds, 3), "steps": llm.engine.num_steps,
-        "preemptions": llm.engine.scheduler.num_preemptions,
+        "preemptions": llm.engine.scheduler.num_preemptions, "kv_offloads": llm.engine.scheduler.num_offloads,
+        "kv_restores": llm.engine.num_restores, "peak_host_kv_tokens": llm.engine.host_kv.peak_tokens,
         "drafted_tokens": drafted, "accepted_tokens": accepted, "verifies": verifies,
         "acceptance_mean": round(accepted / verifies, 4) if verifies else None,
         "tokens_per_step": round(output_tokens / llm.engine.num_steps, 3) if llm.engine.num_steps else None,
+        "step_metrics": llm.engine.metrics.summary(),
     }
+
+
+def write_profile(args, llm) -> None:
+    if args.profile is not None:
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        llm.engine.metrics.write_jsonl(args.profile)
 
 
 def format_summary(summary: dict[str, Any], finish_reason: str | None = None) -> str:
@@ -157,6 +173,11 @@ def format_summary(summary: dict[str, Any], finish_reason: str | None = None) ->
     if summary["acceptance_mean"] is not None:
         parts.append(f"acceptance_mean={summary['acceptance_mean']} over {summary['verifies']} verifies")
     parts.append(f"tokens/step={summary['tokens_per_step']}")
+    steps = summary["step_metrics"]
+    if steps:
+        parts.append(f"host {steps['mean_host_ms']} ms/step, waiting {steps['mean_wait_ms']} ms/step")
+    if summary["preemptions"] or summary["kv_offloads"]:
+        parts.append(f"kv_offloads={summary['kv_offloads']} preemptions={summary['preemptions']}")
     if finish_reason:
         parts.append(f"finish_reason={finish_reason}")
     if summary["errors"]:
@@ -173,6 +194,7 @@ def run_single(args) -> int:
     started = time.perf_counter()
     [output] = llm.generate([args.prompt], params, chat=args.chat)
     summary = summarize([output], time.perf_counter() - started, llm, 0)
+    write_profile(args, llm)
     if args.json:
         print(json.dumps({**summary, "text": output.text, "finish_reason": output.finish_reason}))
     else:
@@ -230,6 +252,7 @@ def run_batch(args) -> int:
         outputs = llm.generate([p for _, p, _ in valid], [s for _, _, s in valid], chat=args.chat,
                                request_ids=[i for i, _, _ in valid], use_tqdm=True, on_output=write)
     summary = summarize(outputs, time.perf_counter() - started, llm, len(error_records))
+    write_profile(args, llm)
     summary["skipped_done"] = len(done)
     if args.json:
         print(json.dumps(summary))

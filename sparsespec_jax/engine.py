@@ -1,9 +1,15 @@
-"""The engine: owns the weights, the KV cache and the jitted step; turns scheduled rows into tokens."""
+"""The engine: owns the weights, the KV cache and the slot state; turns scheduled rows into tokens.
+
+Each iteration plans one step, dispatches the jitted unified step and, when running ahead (the default), reads
+the previous step's results while this one runs on the device: the host never sits on the critical path in
+steady state. With `sync_host` it reads each step's results before planning the next (the ablation baseline).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Callable
 
@@ -12,19 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsespec_jax.attention import paged_attention, resolve_backend
+from sparsespec_jax.attention import resolve_backend
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
+from sparsespec_jax.kv_offload import HostKVPool
 from sparsespec_jax.model import Transformer
-from sparsespec_jax.request import Request
-from sparsespec_jax.sampling import SamplingArrays, SamplingParams, sample_tokens
-from sparsespec_jax.scheduler import ScheduledRow, Scheduler
+from sparsespec_jax.request import Request, RequestStatus
+from sparsespec_jax.sampling import SamplingArrays, SamplingParams
+from sparsespec_jax.scheduler import SCHEDULER_MODES, CyclePolicy, RowKind, ScheduledRow, Scheduler
+from sparsespec_jax.slot_state import SlotState
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets
 from sparsespec_jax.spec.ngram import propose_ngram
-from sparsespec_jax.spec.round import RoundBatch, speculative_round
-from sparsespec_jax.step_batch import BucketLimits, StepBatch, build_step_batch
+from sparsespec_jax.step_batch import BucketLimits, build_unified_batch
+from sparsespec_jax.step_metrics import StepLog, StepMetrics
+from sparsespec_jax.unified_step import StepOutputs, unified_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -45,44 +54,42 @@ class EngineConfig:
     attention_backend: str = "auto"
     seed: int = 0
     min_context_bucket: int = 512             # narrowest page table compiled (tokens): fewer compiles vs work
-
+    min_batch_bucket: int = 8                 # fewest rows a compiled step group has: fewer compiles vs work
+    scheduler: str = "unified"                # "phased": every request verifies on the same step
+    sync_host: bool = False                   # read each step's results before planning the next
+    host_kv_tokens: int = 65536               # host memory pool for offloaded KV (0: preempt and recompute)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_size", "kv_cache_tokens", "page_size", "max_num_batched_tokens",
-                     "prefill_chunk_size", "min_context_bucket"):
+                     "prefill_chunk_size", "min_context_bucket", "min_batch_bucket"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if not isinstance(self.host_kv_tokens, int) or self.host_kv_tokens < 0:
+            raise ValueError(f"host_kv_tokens: must be an integer >= 0, got {self.host_kv_tokens!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
         if self.max_num_batched_tokens < self.max_batch_size:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_batch_size ({self.max_batch_size}) so every running request can decode")
+        if self.scheduler not in SCHEDULER_MODES:
+            raise ValueError(f"scheduler: must be one of {SCHEDULER_MODES}, got {self.scheduler!r}")
         resolve_backend(self.attention_backend)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("kv",))
-def decode_step(graphdef, state, kv: KVCache, batch: StepBatch, sampling: SamplingArrays, backend: str):
-    """One plain step: prompt chunks and/or single decode tokens; samples each row's next token."""
-    model = nnx.merge(graphdef, state)
-    meta = batch.meta
-
-    def attend(q, k_pool, v_pool, layer, _):
-        out, _ = paged_attention(backend, q, k_pool, v_pool, layer, meta)
-        return out, None
-
-    hidden, kv, _ = model(batch.tokens, batch.positions, kv, meta.write_slots, attend)
-    logits = model.logits(hidden[batch.logit_tokens])
-    return sample_tokens(logits, sampling, batch.sample_positions), kv
+@functools.partial(jax.jit, donate_argnames=("sets",))
+def _write_set(sets: DraftSets, slot, positions, count) -> DraftSets:
+    return DraftSets(positions=sets.positions.at[slot].set(positions), count=sets.count.at[slot].set(count))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "backend"), donate_argnames=("kv", "sets"))
-def round_step(graphdef, state, kv: KVCache, sets: DraftSets | None, batch: RoundBatch, sampling: SamplingArrays,
-               spec: SpecConfig, backend: str):
-    """One speculative round (k drafts + verify + acceptance + new draft sets) for the decoding rows."""
-    return speculative_round(nnx.merge(graphdef, state), kv, sets, batch, sampling, spec, backend)
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose emitted tokens the host has not read yet."""
+
+    rows: list[ScheduledRow]
+    outputs: StepOutputs
 
 
 class Engine:
@@ -97,38 +104,67 @@ class Engine:
         num_pages = -(-config.kv_cache_tokens // config.page_size) + 1      # + the reserved padding page
         pool_tokens = (num_pages - 1) * config.page_size
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        lookahead = spec.k if spec.speculative else 0    # draft/verify writes past the newest token
-        if self.max_model_len + lookahead > pool_tokens:
+        k = spec.k if spec.speculative else 0
+        if self.max_model_len + k > pool_tokens:
             raise ValueError(f"kv_cache_tokens ({config.kv_cache_tokens}) must hold at least one full-length "
-                             f"request (max_model_len {self.max_model_len} + {lookahead} speculative slots); "
+                             f"request (max_model_len {self.max_model_len} + {k} speculative slots); "
                              f"raise it or lower max_model_len")
+        if config.max_num_batched_tokens < k + 1:
+            raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must fit one verify "
+                             f"row of k + 1 = {k + 1} tokens")
         self.limits = BucketLimits(max_rows=config.max_batch_size, max_tokens=config.max_num_batched_tokens,
                                    max_q_len=config.prefill_chunk_size,
-                                   max_pages=-(-(self.max_model_len + lookahead) // config.page_size),
+                                   max_pages=-(-(self.max_model_len + k) // config.page_size),
                                    page_size=config.page_size,
-                                   min_pages=-(-config.min_context_bucket // config.page_size))
+                                   min_pages=-(-config.min_context_bucket // config.page_size),
+                                   min_rows=config.min_batch_bucket)
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
 
         model = Transformer(cfg, params, dtype)
         self.graphdef, self.state = nnx.split(model)
         self.kv = KVCache.create(cfg, num_pages, config.page_size, dtype)
         self.allocator = PageAllocator(num_pages, config.page_size)
+        self.width = k + 1
+        sets = None
+        if spec.drafts_with_model:
+            sets = DraftSets.create(config.max_batch_size + 1, cfg.num_layers, cfg.num_kv_heads,
+                                    spec.max_budget(self.max_model_len) + spec.k)
+        self.slot_state = SlotState.create(config.max_batch_size + 1, k, cfg.vocab_size, sets)
+        self.host_kv = HostKVPool(config.host_kv_tokens, config.page_size)
+        policy = CyclePolicy(k=k, drafts_with_model=spec.drafts_with_model, mode=config.scheduler,
+                             stall_steps=0 if config.sync_host else 1,
+                             propose=functools.partial(propose_ngram, ngram_max=spec.ngram_max,
+                                                       ngram_min=spec.ngram_min))
         self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_num_batched_tokens,
-                                   config.prefill_chunk_size, decode_lookahead=lookahead,
-                                   on_release=self._release_draft_slot)
-        if spec.speculative:
-            # One spare slot past the batch absorbs padding rows' writes.
-            self.draft_sets = DraftSets.create(config.max_batch_size + 1, cfg.num_layers, cfg.num_kv_heads,
-                                               spec.max_budget(self.max_model_len) + spec.k)
-            self._free_draft_slots = list(range(config.max_batch_size - 1, -1, -1))
-
+                                   config.prefill_chunk_size, self.max_model_len, policy,
+                                   evict=self._offload, restore=self._restore)
+        self.metrics = StepLog()
+        self.num_restores = 0
+        self._in_flight: _InFlight | None = None
         self._num_requests = 0
         self.num_steps = 0
 
-    def _release_draft_slot(self, request: Request) -> None:
-        if request.draft_slot is not None:
-            self._free_draft_slots.append(request.draft_slot)
-            request.draft_slot = None
+    # -- KV offload ------------------------------------------------------------------------------------
+    def _offload(self, request: Request) -> bool:
+        """Move a request's committed KV (and draft set) to host memory if the host pool has room."""
+        num_pages = math.ceil(request.num_computed / self.config.page_size)
+        if not self.host_kv.fits(num_pages):
+            return False
+        sets = None
+        if request.has_sets:
+            sets = (self.slot_state.sets.positions[request.slot], self.slot_state.sets.count[request.slot])
+        request.offloaded_kv = self.host_kv.offload(self.kv, request.pages[:num_pages], sets)
+        request.stats.offloads += 1
+        return True
+
+    def _restore(self, request: Request) -> None:
+        record, request.offloaded_kv = request.offloaded_kv, None
+        self.kv = self.host_kv.restore(self.kv, record, request.pages)
+        if record.sets is not None:
+            state = self.slot_state
+            sets = _write_set(state.sets, request.slot, *record.sets)
+            self.slot_state = SlotState(window=state.window, draft_log_q=state.draft_log_q, sets=sets)
+        self.num_restores += 1
 
     # -- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> None:
@@ -164,98 +200,90 @@ class Engine:
 
     # -- one iteration ---------------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one engine iteration; return the requests that finished in it."""
+        """Run one engine iteration; return the requests whose completion the host learned of in it."""
+        started = time.perf_counter()
+        self._waited = 0.0
+        finished: list[Request] = []
+        self.host_kv.poll()
+        if self._in_flight is not None and self.scheduler.pages_short():
+            finished += self._settle()                  # evicting needs every request's state on the host
         rows = self.scheduler.schedule()
         if not rows:
-            if self.scheduler.has_unfinished():
+            if self._in_flight is not None:
+                finished += self._settle()
+            elif self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: the KV pool cannot hold the next request")
-            return []
-        if not self.spec.speculative:
-            return self._run_step(rows)
-        # Speculative decoding: prompt chunks run as a plain step, decoding rows as one speculative round.
-        decoding = [row for row in rows if row.request.num_tokens - row.request.num_computed == 1]
-        prefilling = [row for row in rows if row.request.num_tokens - row.request.num_computed > 1]
-        finished = self._run_step(prefilling) if prefilling else []
-        if decoding:
-            finished += self._run_round(decoding)
+            return finished
+        batch = build_unified_batch(rows, self.limits, self.width, self.config.max_batch_size)
+        drafts = [row for row in rows if row.kind is RowKind.DRAFT]
+        emits = [row for row in rows if row.emits]
+        outputs, self.kv, self.slot_state = unified_step(
+            self.graphdef, self.state, self.kv, self.slot_state, batch,
+            self._sampling_arrays(drafts, batch.drafts.slot.shape[0]),
+            self._sampling_arrays(emits, batch.emits.slot.shape[0]), self.spec, self.backend)
+        outputs.tokens.copy_to_host_async()
+        outputs.num_emitted.copy_to_host_async()
+        self.scheduler.apply(rows)
+        self.num_steps += 1
+        previous, self._in_flight = self._in_flight, _InFlight(rows, outputs)
+        emitted = 0
+        if previous is not None:
+            emitted, done = self._read(previous)
+            finished += done
+        if self.config.sync_host:
+            count, done = self._read(self._in_flight)
+            self._in_flight = None
+            emitted += count
+            finished += done
+        elapsed = (time.perf_counter() - started) * 1e3
+        self.metrics.add(StepMetrics(
+            step=self.num_steps, host_ms=elapsed - self._waited * 1e3, wait_ms=self._waited * 1e3,
+            step_ms=elapsed, tokens=sum(row.num_tokens for row in rows),
+            prefill_rows=sum(row.kind is RowKind.PREFILL for row in rows), draft_rows=len(drafts),
+            verify_rows=sum(row.stalls for row in rows),
+            decode_rows=sum(row.kind is RowKind.VERIFY and not row.stalls for row in rows),
+            emitted_tokens=emitted,
+            kv_tokens_used=(self.allocator.num_pages - 1 - self.allocator.num_free) * self.config.page_size,
+            kv_tokens_offloaded=self.host_kv.used_tokens))
         return finished
 
-    def _run_step(self, rows: list[ScheduledRow]) -> list[Request]:
-        batch = build_step_batch(rows, self.limits)
-        sampling = self._sampling_arrays(rows, len(batch.logit_tokens))
-        tokens, self.kv = decode_step(self.graphdef, self.state, self.kv, batch, sampling, self.backend)
-        tokens = np.asarray(tokens)
-        self.num_steps += 1
-        return self._commit(rows, tokens)
+    def _settle(self) -> list[Request]:
+        """Read the step in flight (blocking) so every request's state is known to the host."""
+        in_flight, self._in_flight = self._in_flight, None
+        return self._read(in_flight)[1]
 
-    def _run_round(self, rows: list[ScheduledRow]) -> list[Request]:
-        spec, ps = self.spec, self.config.page_size
-        num_rows = self.limits.rows(len(rows))
-        num_pages = self.limits.pages(max(len(row.request.pages) for row in rows))
-        last_token = np.zeros(num_rows, np.int32)
-        start = np.zeros(num_rows, np.int32)
-        page_tables = np.zeros((num_rows, num_pages), np.int32)
-        slot = np.full(num_rows, self.config.max_batch_size, np.int32)
-        live = np.zeros(num_rows, bool)
-        reset = np.zeros(num_rows, bool)
-        num_drafts = np.zeros(num_rows, np.int32)
-        proposals = np.zeros((num_rows, spec.k), np.int32)
-        for r, row in enumerate(rows):
-            request = row.request
-            last_token[r], start[r], live[r] = request.all_ids[-1], request.num_computed, True
-            page_tables[r, :len(request.pages)] = request.pages
-            if request.draft_slot is None and spec.drafts_with_model:
-                request.draft_slot = self._free_draft_slots.pop()
-                reset[r] = True
-            if request.draft_slot is not None:
-                slot[r] = request.draft_slot
-            # Never emit past max_tokens or the context: a round emits at most num_drafts + 1 tokens.
-            room = min(request.params.max_tokens - len(request.output_ids), self.max_model_len - request.num_tokens)
-            num_drafts[r] = max(0, min(spec.k, room - 1))
-            if spec.method == "ngram":
-                proposal = propose_ngram(request.all_ids, int(num_drafts[r]), spec.ngram_max, spec.ngram_min)
-                proposals[r, :len(proposal)] = proposal
-                num_drafts[r] = len(proposal)
-        batch = RoundBatch(last_token=last_token, start=start, page_tables=page_tables, slot=slot, live=live,
-                           reset=reset, num_drafts=num_drafts, proposals=proposals, page_size=ps)
-        sampling = self._sampling_arrays(rows, num_rows)
-        sets = self.draft_sets if spec.drafts_with_model else None
-        tokens, num_emitted, self.kv, sets = round_step(self.graphdef, self.state, self.kv, sets, batch, sampling,
-                                                        spec, self.backend)
-        if spec.drafts_with_model:
-            self.draft_sets = sets
-        tokens, num_emitted = np.asarray(tokens), np.asarray(num_emitted)
-        self.num_steps += 1
-        finished = []
+    def _read(self, in_flight: _InFlight) -> tuple[int, list[Request]]:
+        """Consume a dispatched step's emitted tokens: (tokens taken, requests finished)."""
+        waited = time.perf_counter()
+        tokens, num_emitted = np.asarray(in_flight.outputs.tokens), np.asarray(in_flight.outputs.num_emitted)
+        self._waited += time.perf_counter() - waited
+        finished, taken = [], 0
         now = time.perf_counter()
-        for r, row in enumerate(rows):
-            request, emitted = row.request, int(num_emitted[r])
-            request.num_computed += emitted
-            request.stats.steps += 1
-            request.stats.verifies += 1
-            request.stats.drafted_tokens += int(num_drafts[r])
-            request.stats.accepted_tokens += emitted - 1
+        speculative = self.spec.speculative
+        for r, row in enumerate(row for row in in_flight.rows if row.emits):
+            request = row.request
+            if request.epoch != row.epoch:
+                continue                                  # finished or evicted since: a stale result
+            emitted = int(num_emitted[r])
+            if row.stalls:
+                request.awaiting = False
+                request.num_computed = row.cycle_start + emitted
+            else:
+                request.pending -= 1
+            if row.kind is RowKind.VERIFY and speculative:
+                request.stats.verifies += 1
+                request.stats.drafted_tokens += row.num_drafts
+                request.stats.accepted_tokens += emitted - 1
             for token in tokens[r, :emitted]:
+                taken += 1
                 if self._append_token(request, int(token), now):
                     finished.append(request)
                     break
-        return finished
+        return taken, finished
 
     def _sampling_arrays(self, rows: list[ScheduledRow], num_rows: int) -> SamplingArrays:
         return SamplingArrays.from_rows([row.request.params for row in rows],
                                         [row.request.seed for row in rows], num_rows)
-
-    def _commit(self, rows: list[ScheduledRow], tokens: np.ndarray) -> list[Request]:
-        finished = []
-        now = time.perf_counter()
-        for r, row in enumerate(rows):
-            request = row.request
-            completes = row.completes
-            request.num_computed += row.num_tokens
-            request.stats.steps += 1
-            if completes and self._append_token(request, int(tokens[r]), now):
-                finished.append(request)
-        return finished
 
     def _append_token(self, request: Request, token: int, now: float) -> bool:
         """Record a sampled token; finish the request if it hit a stop condition. Returns True if finished."""

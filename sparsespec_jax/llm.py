@@ -21,18 +21,22 @@ class LLM:
                  max_batch_size: int = 16, kv_cache_tokens: int = 16384, page_size: int = 16,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  prefill_chunk_size: int = 128, attention_backend: str = "auto", seed: int = 0,
-                 spec: SpecConfig | None = None):
+                 spec: SpecConfig | None = None, scheduler: str = "unified", sync_host: bool = False,
+                 host_kv_tokens: int = 65536):
+        spec = spec or SpecConfig()
+        # Room for every slot to verify in the same step (phased scheduling needs it; unified rarely does).
+        rows_tokens = max_batch_size * (spec.k + 1 if spec.speculative else 1)
         config = EngineConfig(dtype=dtype, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens,
                               page_size=page_size, max_model_len=max_model_len,
-                              max_num_batched_tokens=max_num_batched_tokens or max(256, max_batch_size),
+                              max_num_batched_tokens=max_num_batched_tokens or max(256, rows_tokens),
                               prefill_chunk_size=prefill_chunk_size, attention_backend=attention_backend,
-                              seed=seed)
+                              seed=seed, scheduler=scheduler, sync_host=sync_host, host_kv_tokens=host_kv_tokens)
         started = time.perf_counter()
         loaded = load_model(model)
         self.load_seconds = time.perf_counter() - started
         self.model_name = str(model)
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine(loaded.config, loaded.params, loaded.tokenizer, config, spec or SpecConfig())
+        self.engine = Engine(loaded.config, loaded.params, loaded.tokenizer, config, spec)
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
         if chat:

@@ -11,6 +11,7 @@ from typing import Any
 class RequestStatus(enum.Enum):
     WAITING = "waiting"      # not admitted yet, or preempted (its KV freed; recomputed on return)
     RUNNING = "running"      # owns KV pages and a batch slot
+    OFFLOADED = "offloaded"  # its KV waits in host memory to be restored
     FINISHED = "finished"
 
 
@@ -23,6 +24,7 @@ class RequestStats:
     finish_time: float | None = None
     steps: int = 0                 # engine iterations this request took part in
     preemptions: int = 0
+    offloads: int = 0              # times its KV went to host memory and came back
     drafted_tokens: int = 0        # speculative drafts proposed
     accepted_tokens: int = 0       # drafts accepted by verification
     verifies: int = 0
@@ -69,9 +71,18 @@ class Request:
         self.detokenizer = detokenizer
         self.output_ids: list[int] = []
         self.status = RequestStatus.WAITING
-        self.num_computed = 0          # leading tokens of all_ids whose K/V sit in the cache
+        self.num_computed = 0          # leading positions whose K/V are in the cache or being written
         self.pages: list[int] = []
-        self.draft_slot: int | None = None   # row of the device-resident draft sets while running
+        self.slot: int | None = None   # row of the device-resident slot state while running
+        self.epoch = 0                 # bumped whenever the request leaves its slot; older results are stale
+        self.pending = 0               # emitted tokens on their way to the host (sampled, not read yet)
+        self.awaiting = False          # a verify with drafts is in flight: its acceptance decides what follows
+        self.has_sets = False          # its draft token set exists (after the first verify)
+        self.phase: int | None = None  # step index (mod cycle length) its verifies land on
+        self.cycle_start = 0           # position of the cycle's newest committed token
+        self.cycle_drafts = 0          # drafts planned this cycle
+        self.draft_index: int | None = None   # next draft step of the current cycle; None between cycles
+        self.offloaded_kv = None       # its KV in host memory while OFFLOADED
         self.finish_reason: str | None = None
         self.stats = RequestStats(prompt_tokens=len(prompt_ids), arrival_time=time.perf_counter())
 
@@ -83,10 +94,9 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    @property
-    def is_prefilling(self) -> bool:
-        """More than the newest token still lacks K/V: the next step feeds a prompt chunk."""
-        return self.num_computed < self.num_tokens - 1
+    def end_cycle(self) -> None:
+        self.draft_index = None
+        self.cycle_drafts = 0
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.detokenizer.text,

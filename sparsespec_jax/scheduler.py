@@ -1,109 +1,297 @@
-"""Continuous batching: which requests run this step, with how many tokens, and KV page bookkeeping.
+"""Continuous batching with speculative cycles: which rows run this step, and KV page bookkeeping.
 
-Every step, running requests go first (decode rows cost one token, prompt chunks up to the chunk size), then
-waiting requests are admitted while batch slots, token budget and pages last. When pages run out, the most
-recently admitted request is preempted: its pages are freed and it is recomputed later (prompt + output so
-far), so nothing is ever dropped.
+Row kinds: PREFILL (a prompt chunk, or a preempted request's recomputed prefix), DRAFT (one draft step) and
+VERIFY (the newest token plus the cycle's drafts; without drafts it is a plain decode). A speculative request
+cycles through k DRAFT rows and one VERIFY row. After a verify with drafts the request sits out (STALL) until
+the host has read how many tokens were accepted; everything else advances deterministically, so the host can
+plan a step before it knows the previous step's tokens.
+
+Unified scheduling (default) staggers requests: each request's first cycle is shortened so its verify lands in
+the least-loaded phase, which keeps about 1/(cycle length) of the batch verifying at every step and the token
+count per step flat. Phased scheduling aligns every verify to the same step (the classic sequential rounds).
+
+When KV pages run out, the most recently admitted request is evicted: its KV goes to host memory if the host
+pool has room (restored before any new admission), otherwise it is preempted and recomputed later. Nothing
+is ever dropped.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
+import enum
+from typing import Callable, Sequence
 
 from sparsespec_jax.kv_cache import OutOfPagesError, PageAllocator
 from sparsespec_jax.request import Request, RequestStatus
 
+SCHEDULER_MODES = ("unified", "phased")
 
-@dataclasses.dataclass
+
+class RowKind(enum.Enum):
+    PREFILL = "prefill"
+    DRAFT = "draft"
+    VERIFY = "verify"
+
+
+@dataclasses.dataclass(eq=False)
 class ScheduledRow:
     request: Request
-    num_tokens: int          # query tokens fed this step, starting at request.num_computed
+    kind: RowKind
+    start: int                    # position of the first token fed
+    num_tokens: int               # tokens fed this step
+    draft_index: int = 0          # DRAFT: index of the draft this step samples
+    num_drafts: int = 0           # DRAFT / VERIFY: drafts in the row's cycle
+    cycle_start: int = 0          # DRAFT / VERIFY: position of the cycle's newest committed token
+    sparse: bool = False          # DRAFT: attends to the request's token set (else full attention)
+    refresh: bool = False         # VERIFY: renews the request's token set
+    proposal: tuple[int, ...] | None = None  # VERIFY: host-made drafts (n-gram), None for model drafts
+    emits: bool = False           # the row's sample becomes output
+    epoch: int = 0                # request.epoch when planned; results of older epochs are ignored
 
     @property
-    def completes(self) -> bool:
-        """The row reaches the request's newest token, so its sample is a new output token."""
-        return self.request.num_computed + self.num_tokens == self.request.num_tokens
+    def stalls(self) -> bool:
+        """The host must read this row's result before the request can be planned again: the accepted count
+        decides what follows, and host-made drafts need every token so far."""
+        return self.kind is RowKind.VERIFY and (self.num_drafts > 0 or self.proposal is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclePolicy:
+    """k drafts per cycle; drafts_with_model: DRAFT rows exist (pillar, streaming) rather than host proposals."""
+
+    k: int = 0
+    drafts_with_model: bool = False
+    mode: str = "unified"
+    stall_steps: int = 1          # steps a request sits out after a verify (0 when the host syncs every step)
+    propose: Callable[[Sequence[int], int], list[int]] | None = None    # host drafts (n-gram)
+
+    @property
+    def cycle_length(self) -> int:
+        return self.k + 1 + self.stall_steps
 
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, max_batch_size: int, max_num_batched_tokens: int,
-                 prefill_chunk_size: int, decode_lookahead: int = 0,
+                 prefill_chunk_size: int, max_model_len: int, policy: CyclePolicy = CyclePolicy(),
+                 evict: Callable[[Request], bool] | None = None, restore: Callable[[Request], bool] | None = None,
                  on_release: Callable[[Request], None] = lambda request: None):
-        """decode_lookahead: extra positions a decode row may write this step (speculative drafts).
-        on_release: called when a request gives up its pages (finished or preempted)."""
+        """evict(request) -> True if it moved the request's KV to host memory (else it is preempted);
+        restore(request) -> True if it brought an offloaded request back (pages already granted);
+        on_release(request): the request gives up its pages and slot (finished, preempted or offloaded)."""
+        if policy.mode not in SCHEDULER_MODES:
+            raise ValueError(f"scheduler: must be one of {SCHEDULER_MODES}, got {policy.mode!r}")
         self.allocator = allocator
-        self.decode_lookahead = decode_lookahead
-        self.on_release = on_release
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk_size = prefill_chunk_size
+        self.max_model_len = max_model_len
+        self.policy = policy
+        self.evict = evict
+        self.restore = restore
+        self.on_release = on_release
         self.waiting: collections.deque[Request] = collections.deque()
+        self.offloaded: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self.free_slots = list(range(max_batch_size - 1, -1, -1))
         self.num_preemptions = 0
+        self.num_offloads = 0
+        self.step_index = 0
 
+    # -- membership ------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.offloaded)
 
-    def finish(self, request: Request) -> None:
+    def _leave(self, request: Request) -> None:
         self.allocator.release(request.pages)
         self.on_release(request)
+        self.free_slots.append(request.slot)
+        request.slot = None
+        request.epoch += 1
+        request.end_cycle()
+        request.phase = None
+        request.pending = 0
+        request.awaiting = False
         self.running.remove(request)
+
+    def finish(self, request: Request) -> None:
+        self._leave(request)
         request.status = RequestStatus.FINISHED
 
-    def _tokens_for(self, request: Request, budget: int) -> int:
-        return min(self.prefill_chunk_size, request.num_tokens - request.num_computed, budget)
+    def _evict(self, victim: Request) -> None:
+        """Free a victim's pages: offload its KV to host memory if possible, else preempt it (recompute)."""
+        offloaded = self.evict is not None and self.evict(victim)
+        self._leave(victim)
+        if offloaded:
+            victim.status = RequestStatus.OFFLOADED
+            self.num_offloads += 1
+            self.offloaded.append(victim)
+        else:
+            victim.status = RequestStatus.WAITING
+            victim.num_computed = 0
+            victim.has_sets = False
+            victim.stats.preemptions += 1
+            self.num_preemptions += 1
+            self.waiting.appendleft(victim)
 
-    def _preempt(self, victim: Request) -> None:
-        self.allocator.release(victim.pages)
-        self.on_release(victim)
-        self.running.remove(victim)
-        victim.status = RequestStatus.WAITING
-        victim.num_computed = 0
-        victim.stats.preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(victim)
+    def admit(self, request: Request) -> None:
+        """Give a request a slot and make it running (its pages are granted by the caller)."""
+        request.slot = self.free_slots.pop()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    # -- planning --------------------------------------------------------------------------------------
+    def _room(self, request: Request) -> int:
+        """Tokens the request may still emit given its limits and the tokens already on their way."""
+        total = request.num_tokens + request.pending
+        return min(request.params.max_tokens - len(request.output_ids) - request.pending,
+                   self.max_model_len - total)
+
+    def _phase_loads(self) -> list[int]:
+        loads = [0] * self.policy.cycle_length
+        for request in self.running:
+            if request.phase is not None:
+                loads[request.phase] += 1
+        return loads
+
+    def _first_cycle_drafts(self, limit: int) -> int:
+        """Drafts of a request's next cycle so that its verify lands in the chosen phase."""
+        length = self.policy.cycle_length
+        if self.policy.mode == "phased":
+            return min(limit, (length - 1 - self.step_index) % length)
+        loads = self._phase_loads()
+        best = min(range(limit + 1), key=lambda j: (loads[(self.step_index + j) % length], -j))
+        return best
+
+    def _next_row(self, request: Request, budget: int) -> ScheduledRow | None:
+        """The request's row for this step (not yet applied), or None if it sits this step out."""
+        if request.awaiting:
+            return None
+        total = request.num_tokens + request.pending
+        if request.num_computed < total - 1:                     # prompt (or recomputed prefix) chunk
+            n = min(self.prefill_chunk_size, total - request.num_computed, budget)
+            if n <= 0:
+                return None
+            return ScheduledRow(request, RowKind.PREFILL, request.num_computed, n,
+                                emits=request.num_computed + n == total)
+        room = self._room(request)
+        if room <= 0 or budget <= 0:
+            return None
+        policy = self.policy
+        start = request.num_computed
+        if policy.k == 0:
+            return ScheduledRow(request, RowKind.VERIFY, start, 1, cycle_start=start, emits=True)
+        if not policy.drafts_with_model:                          # host proposals: one verify per cycle
+            proposal = ()
+            if request.pending == 0 and room > 1:
+                proposal = tuple(policy.propose(request.all_ids, min(policy.k, room - 1)))
+            if len(proposal) + 1 > budget:
+                proposal = proposal[:budget - 1]
+            return ScheduledRow(request, RowKind.VERIFY, start, len(proposal) + 1, num_drafts=len(proposal),
+                                cycle_start=start, proposal=proposal, emits=True)
+        if request.draft_index is None:                          # a new cycle starts here
+            limit = min(policy.k, room - 1)
+            num_drafts = self._first_cycle_drafts(limit) if (request.phase is None or policy.mode == "phased") \
+                else limit
+            draft_index, cycle_start = 0, start
+        else:
+            num_drafts, draft_index, cycle_start = request.cycle_drafts, request.draft_index, request.cycle_start
+        if draft_index < num_drafts:
+            return ScheduledRow(request, RowKind.DRAFT, cycle_start + draft_index, 1, draft_index=draft_index,
+                                num_drafts=num_drafts, cycle_start=cycle_start, sparse=request.has_sets)
+        if num_drafts + 1 > budget:
+            return None
+        return ScheduledRow(request, RowKind.VERIFY, cycle_start, num_drafts + 1, num_drafts=num_drafts,
+                            cycle_start=cycle_start, refresh=True, emits=True)
+
+    def _pages_for(self, row: ScheduledRow) -> int:
+        """Tokens the request's page table must cover for this row (a cycle's first row reserves the cycle)."""
+        if row.kind is RowKind.PREFILL:
+            return row.start + row.num_tokens
+        return row.cycle_start + row.num_drafts + 1
+
+    def pages_short(self) -> bool:
+        """Whether this step's running requests would need more pages than are free (eviction ahead)."""
+        needed = 0
+        for request in self.running:
+            row = self._next_row(request, self.max_num_batched_tokens)
+            if row is not None:
+                needed += self.allocator.pages_needed(self._pages_for(row), len(request.pages))
+        return needed > self.allocator.num_free
 
     def schedule(self) -> list[ScheduledRow]:
+        """Plan this step's rows (call apply() once they are dispatched). Evicting needs every running
+        request's state known to the host: callers settle pending results first when pages_short()."""
         rows: list[ScheduledRow] = []
         budget = self.max_num_batched_tokens
-        # Decode rows first (one token each), then running prompt chunks, in admission order.
-        ordered = sorted(self.running, key=lambda r: r.is_prefilling)
-        for request in ordered:
+        # Decoding requests first (verify, draft and plain decode rows), then prompt chunks, in admission order.
+        for request in sorted(self.running, key=lambda r: r.num_computed < r.num_tokens + r.pending - 1):
             if request.status is not RequestStatus.RUNNING:
-                continue                               # preempted earlier in this loop
-            n = self._tokens_for(request, budget)
-            if n <= 0:
+                continue                                          # evicted earlier in this loop
+            row = self._next_row(request, budget)
+            if row is None:
                 continue
-            lookahead = self.decode_lookahead if request.num_tokens - request.num_computed == 1 else 0
             while True:
                 try:
-                    self.allocator.grow(request.pages, request.num_computed + n + lookahead)
+                    self.allocator.grow(request.pages, self._pages_for(row))
                     break
                 except OutOfPagesError:
-                    victim = self.running[-1]
-                    rows = [row for row in rows if row.request is not victim]
-                    self._preempt(victim)
+                    victim = self.running[-1]                # the most recently admitted, maybe `request`
+                    rows = [r for r in rows if r.request is not victim]
+                    self._evict(victim)
                     if victim is request:
                         break
             if request.status is RequestStatus.RUNNING:
-                rows.append(ScheduledRow(request, n))
-                budget -= n
+                rows.append(row)
+                budget -= row.num_tokens
         budget = self.max_num_batched_tokens - sum(row.num_tokens for row in rows)
-        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+        while self.offloaded and self.free_slots:
+            request = self.offloaded[0]
+            if self.allocator.pages_needed(request.num_computed + self.policy.k + 1, 0) > self.allocator.num_free:
+                break
+            self.offloaded.popleft()
+            self.admit(request)
+            self.allocator.grow(request.pages, request.num_computed)
+            self.restore(request)
+        while self.waiting and not self.offloaded and self.free_slots and budget > 0:
             request = self.waiting[0]
-            n = self._tokens_for(request, budget)
-            lookahead = self.decode_lookahead if request.num_tokens - request.num_computed == 1 else 0
-            if self.allocator.pages_needed(n + lookahead, 0) > self.allocator.num_free:
+            n = min(self.prefill_chunk_size, request.num_tokens - request.num_computed, budget)
+            if self.allocator.pages_needed(n, 0) > self.allocator.num_free:
                 break
             self.waiting.popleft()
-            self.allocator.grow(request.pages, n + lookahead)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            rows.append(ScheduledRow(request, n))
+            self.admit(request)
+            self.allocator.grow(request.pages, n)
+            rows.append(ScheduledRow(request, RowKind.PREFILL, 0, n, emits=n == request.num_tokens))
             budget -= n
+        for row in rows:
+            row.epoch = row.request.epoch
         return rows
+
+    def apply(self, rows: list[ScheduledRow]) -> None:
+        """Advance host-side request state for rows just dispatched."""
+        length = self.policy.cycle_length
+        for row in rows:
+            request = row.request
+            request.stats.steps += 1
+            if row.kind is RowKind.PREFILL:
+                request.num_computed += row.num_tokens
+            elif row.kind is RowKind.DRAFT:
+                if row.draft_index == 0:
+                    request.cycle_start, request.cycle_drafts = row.cycle_start, row.num_drafts
+                    request.phase = (self.step_index + row.num_drafts) % length
+                request.draft_index = row.draft_index + 1
+            else:
+                request.end_cycle()
+                if self.policy.drafts_with_model:
+                    request.has_sets = True
+                    if request.phase is None:
+                        request.phase = self.step_index % length
+            if row.emits and not row.stalls:
+                request.pending += 1
+                if row.kind is RowKind.VERIFY:
+                    request.num_computed += 1
+            request.awaiting = row.stalls
+        self.step_index += 1

@@ -59,7 +59,8 @@ def test_preemption_recomputes_without_changing_outputs(make_engine, smollm2):
     prompts = [smollm2.tokenizer.encode(p) for p in MIXED_PROMPTS[:4]]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     roomy = generate(make_engine(max_batch_size=4), prompts, params)
-    tight_engine = make_engine(max_batch_size=4, kv_cache_tokens=96, max_model_len=96, page_size=8)
+    tight_engine = make_engine(max_batch_size=4, kv_cache_tokens=96, max_model_len=96, page_size=8,
+                               host_kv_tokens=0)
     tight = generate(tight_engine, prompts, params)
     assert tight_engine.scheduler.num_preemptions > 0
     assert tight == roomy

@@ -1,4 +1,4 @@
-"""Self-speculative decoding is lossless: every draft method reproduces vanilla greedy token streams."""
+"""Self-speculative decoding: acceptance statistics, sampling limits, configuration errors, recompute."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from conftest import generate
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
-NEW_TOKENS = 256
 RAW_PROMPTS = [
     "The history of the printing press begins in",
     "Step-by-step, compute 23 * 47. First,",
@@ -25,39 +24,6 @@ def prompt_ids(tokenizer) -> list[list[int]]:
     chat = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]),
                              add_special_tokens=False) for q in CHAT_QUESTIONS]
     return [tokenizer.encode(p) for p in RAW_PROMPTS] + chat
-
-
-def params_for(num_prompts: int) -> list[SamplingParams]:
-    # Different lengths so requests leave (and waiting ones join) at different steps.
-    return [SamplingParams(temperature=0, max_tokens=NEW_TOKENS - 16 * i, ignore_eos=True) for i in range(num_prompts)]
-
-
-@pytest.fixture(scope="module")
-def vanilla(make_engine, smollm2):
-    prompts = prompt_ids(smollm2.tokenizer)
-    return prompts, generate(make_engine("none", max_batch_size=4), prompts, params_for(len(prompts)))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["pillar", "streaming", "ngram"])
-def test_greedy_is_lossless_in_a_continuous_batch(method, vanilla, make_engine):
-    prompts, expected = vanilla
-    # Three slots for four requests: the fourth joins when the first leaves, prefilling beside running rounds.
-    engine = make_engine(method, max_batch_size=3, **SPARSE)
-    outputs = generate(engine, prompts, params_for(len(prompts)))
-    assert outputs == expected
-    requests_drafted = sum(1 for _ in outputs)
-    assert requests_drafted == 4 and engine.num_steps < sum(map(len, expected))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["pillar", "streaming", "ngram"])
-def test_greedy_is_lossless_alone(method, vanilla, make_engine):
-    prompts, expected = vanilla
-    engine = make_engine(method, max_batch_size=1, **SPARSE)
-    for ids, params, want in zip(prompts, params_for(len(prompts)), expected):
-        [out] = generate(engine, [ids], params)
-        assert out == want
 
 
 def test_pillar_reports_acceptance_and_beats_one_token_per_step(make_engine, smollm2):
@@ -97,6 +63,6 @@ def test_preemption_under_speculation_keeps_outputs(make_engine, smollm2):
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     roomy = generate(make_engine("none", max_batch_size=4), prompts, params)
     tight = make_engine("pillar", max_batch_size=4, kv_cache_tokens=160, max_model_len=128, page_size=8,
-                        min_context_bucket=64, **SPARSE)
+                        min_context_bucket=64, host_kv_tokens=0, **SPARSE)
     assert generate(tight, prompts, params) == roomy
     assert tight.scheduler.num_preemptions > 0

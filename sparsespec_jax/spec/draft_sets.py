@@ -1,8 +1,8 @@
 """Device-resident draft token sets: per batch slot, per layer and KV head, the positions draft steps attend to.
 
 Positions are logical (0 .. L-1) so they stay valid whatever pages back them; they are mapped to pool slots
-through the row's page table when a round starts. A slot marked dense has no scores yet (right after prefill)
-and drafts with full attention until its first verification.
+through the row's page table by every draft step, and survive offloading to host memory. A request has no set
+right after prefill: it drafts with full attention until its first verification (the host tracks this).
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from sparsespec_jax.spec.selection import pillar_budget, select_tokens
 class DraftSets:
     positions: jax.Array    # int32 [slots, L, Hkv, capacity]; the first count entries are live
     count: jax.Array        # int32 [slots]
-    dense: jax.Array        # bool  [slots]
 
     @classmethod
     def create(cls, num_slots: int, num_layers: int, num_kv_heads: int, capacity: int) -> "DraftSets":
         return cls(positions=jnp.zeros((num_slots, num_layers, num_kv_heads, capacity), jnp.int32),
-                   count=jnp.zeros(num_slots, jnp.int32), dense=jnp.ones(num_slots, jnp.bool_))
+                   count=jnp.zeros(num_slots, jnp.int32))
 
     @property
     def capacity(self) -> int:

@@ -1,0 +1,133 @@
+"""The one jitted engine step: prompt chunks, sparse and dense draft steps, verifications and plain decodes.
+
+All rows of a step share one pass through the model (one GEMM batch and one attention dispatch), whatever
+phase each request is in. Everything between two host visits stays on device: input tokens the host has not
+seen come from the slot window, drafts and their distributions go back into it, acceptance runs here, and
+verify rows renew their PillarAttn sets from scores rematerialized out of the verify pass itself.
+The host reads only the emitted tokens, one step later when it runs ahead asynchronously.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsespec_jax.attention import (AttentionMetadata, paged_attention, pillar_scores, sparse_attention,
+                                      unified_attention)
+from sparsespec_jax.kv_cache import KVCache
+from sparsespec_jax.model import Transformer
+from sparsespec_jax.sampling import SamplingArrays
+from sparsespec_jax.slot_state import SlotState
+from sparsespec_jax.spec.acceptance import draft_sample, verify_drafts
+from sparsespec_jax.spec.config import SpecConfig
+from sparsespec_jax.spec.draft_sets import DraftSets, pillar_refresh, streaming_refresh, with_draft_positions
+from sparsespec_jax.step_batch import UnifiedBatch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepOutputs:
+    tokens: jax.Array        # int32 [Re, width]: per emitting row, accepted drafts then one sampled token
+    num_emitted: jax.Array   # int32 [Re]
+
+
+def _pool_slots(positions, page_tables, page_size: int):
+    """Pool slot of logical positions [R, ...] through each row's page table."""
+    rows = jnp.arange(page_tables.shape[0]).reshape((-1,) + (1,) * (positions.ndim - 1))
+    return page_tables[rows, positions // page_size] * page_size + positions % page_size
+
+
+def _sparse_slot_lists(sets: DraftSets, batch: UnifiedBatch, k: int):
+    """Per layer, the pool slots each sparse draft row attends to ([L, Ds, Hkv, C]) and how many are live."""
+    sparse = batch.sparse
+    base = sets.count[sparse.slot]
+    positions = with_draft_positions(sets.positions[sparse.slot], base, sparse.cycle_start, k)
+    slots = _pool_slots(positions, sparse.page_tables, batch.meta.page_size).transpose(1, 0, 2, 3)
+    return slots, jnp.where(sparse.live, base + sparse.draft_index + 1, 0)
+
+
+def _attend_fn(batch: UnifiedBatch, count, spec: SpecConfig, backend: str, width: int):
+    num_sparse = batch.sparse.slot.shape[0]
+    num_full = batch.meta.q_len.shape[0]
+    num_emit = batch.emits.slot.shape[0]
+    meta = batch.meta
+    want_scores = spec.method == "pillar" and num_emit > 0
+    if want_scores:
+        score_meta = AttentionMetadata(q_start=meta.q_start[:num_emit],
+                                       q_len=jnp.where(batch.emits.refresh, meta.q_len[:num_emit], 0),
+                                       kv_len=meta.kv_len[:num_emit], page_tables=meta.page_tables[:num_emit],
+                                       write_slots=meta.write_slots, page_size=meta.page_size, max_q_len=width)
+
+    def attend(q, k_pool, v_pool, layer, slot_lists):
+        if num_full == 0:
+            return sparse_attention(backend, q, k_pool, v_pool, layer, slot_lists, count)[0], None
+        if num_sparse == 0:
+            out, lse = paged_attention(backend, q, k_pool, v_pool, layer, meta)
+        else:
+            out, lse = unified_attention(backend, q, k_pool, v_pool, layer, slot_lists, count, meta)
+        if not want_scores:
+            return out, None
+        return out, pillar_scores(backend, q[num_sparse:], k_pool, layer, score_meta, lse[num_sparse:])
+
+    return attend
+
+
+def _refresh_sets(sets: DraftSets, scores, batch: UnifiedBatch, committed, num_emitted, spec: SpecConfig,
+                  num_layers: int, num_kv_heads: int, backend: str) -> DraftSets:
+    """New token sets for verify rows from this step's scores (pillar) or lengths (streaming)."""
+    if spec.method == "pillar":
+        positions, count = pillar_refresh(scores, committed, num_emitted, spec, sets.capacity, backend)
+    else:
+        positions, count = streaming_refresh(committed, spec, num_layers, num_kv_heads, sets.capacity)
+    slot = jnp.where(batch.emits.refresh, batch.emits.slot, sets.count.shape[0] - 1)     # others -> spare
+    return DraftSets(positions=sets.positions.at[slot].set(positions), count=sets.count.at[slot].set(count))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "backend"), donate_argnames=("kv", "state"))
+def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: UnifiedBatch,
+                 draft_sampling: SamplingArrays, emit_sampling: SamplingArrays, spec: SpecConfig, backend: str):
+    """Returns (StepOutputs, kv, state). Shapes (and so compilations) follow the batch's buckets."""
+    model: Transformer = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    width = state.window.shape[1]
+    window = state.window.reshape(-1)
+    tokens = jnp.where(batch.window_index >= 0, window[jnp.maximum(batch.window_index, 0)], batch.tokens)
+
+    num_sparse = batch.sparse.slot.shape[0]
+    slot_lists, count = (_sparse_slot_lists(state.sets, batch, width - 1) if num_sparse
+                         else (None, None))
+    attend = _attend_fn(batch, count, spec, backend, width)
+    hidden, kv, scores = model(tokens, batch.positions, kv, batch.write_slots, attend, slot_lists)
+
+    window = state.window
+    log_q = state.draft_log_q
+    drafts = batch.drafts
+    if drafts.slot.shape[0]:
+        draft, draft_lq = draft_sample(model.logits(hidden[drafts.token]), draft_sampling, drafts.position,
+                                       drafts.cycle_start + 1)
+        window = window.at[drafts.slot, drafts.draft_index + 1].set(draft)
+        log_q = log_q.at[drafts.slot, drafts.draft_index].set(draft_lq)
+
+    emits = batch.emits
+    num_emit = emits.slot.shape[0]
+    if not num_emit:
+        empty = StepOutputs(tokens=jnp.zeros((0, width), jnp.int32), num_emitted=jnp.zeros((0,), jnp.int32))
+        return empty, kv, SlotState(window=window, draft_log_q=log_q, sets=state.sets)
+    index = jnp.minimum(emits.first_token[:, None] + jnp.arange(width)[None, :], tokens.shape[0] - 1)
+    target_logits = model.logits(hidden[index])                                          # [Re, width, V]
+    row_log_q = None if log_q is None else log_q[emits.slot]
+    emitted, num_emitted = verify_drafts(target_logits, tokens[index[:, 1:]], row_log_q, emits.num_drafts,
+                                         emit_sampling, emits.position)
+    newest = emitted[jnp.arange(num_emit), num_emitted - 1]
+    window = window.at[emits.slot, 0].set(newest)
+    sets = state.sets
+    if sets is not None:
+        committed = emits.position + num_emitted - 1        # tokens in the cache after this verify
+        sets = _refresh_sets(sets, scores, batch, committed, num_emitted, spec, cfg.num_layers, cfg.num_kv_heads,
+                             backend)
+    return StepOutputs(tokens=emitted, num_emitted=num_emitted), kv, SlotState(window=window, draft_log_q=log_q,
+                                                                               sets=sets)

@@ -1,0 +1,77 @@
+"""Scheduling behaviour on a tiny random model (fast): staggered vs phased batches, and eviction bookkeeping."""
+
+from __future__ import annotations
+
+import collections
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import generate
+from sparsespec_jax.config import ModelConfig
+from sparsespec_jax.engine import Engine, EngineConfig
+from sparsespec_jax.model import random_params
+from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.spec.config import SpecConfig
+
+TINY = ModelConfig(arch="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, qk_norm=True, tie_word_embeddings=True, max_position_embeddings=512)
+K = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return {name: np.asarray(value) * (1.0 if name.endswith("norm") else 3.0)
+            for name, value in random_params(TINY, seed=5, dtype=jnp.float32).items()}
+
+
+def make(tiny_params, tokenizer, method="pillar", **fields) -> Engine:
+    config = dict(max_batch_size=16, kv_cache_tokens=4096, max_model_len=256, page_size=8, prefill_chunk_size=32,
+                  max_num_batched_tokens=16 * (K + 1), min_context_bucket=64)
+    return Engine(TINY, tiny_params, tokenizer, EngineConfig(**{**config, **fields}),
+                  SpecConfig(method=method, k=K, min_budget=8, budget_ratio=0.1))
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 256, int(rng.integers(4, 30))).tolist() for _ in range(count)]
+
+
+def steady_state_verify_counts(engine: Engine, num_requests: int) -> list[int]:
+    generate(engine, prompts(num_requests), SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
+    steps = [s for s in engine.metrics.steps if s.prefill_rows == 0]
+    middle = steps[len(steps) // 4: 3 * len(steps) // 4]           # all requests decoding, none finished
+    return [s.verify_rows + s.decode_rows for s in middle]
+
+
+@pytest.mark.slow
+def test_unified_batches_stay_flat_while_phased_ones_oscillate(tiny_params, smollm2):
+    unified = steady_state_verify_counts(make(tiny_params, smollm2.tokenizer), 16)
+    phased = steady_state_verify_counts(make(tiny_params, smollm2.tokenizer, scheduler="phased"), 16)
+    # Phased: every request verifies on the same step and drafts on the others.
+    assert max(phased) >= 12 and min(phased) == 0
+    # Unified: about 1/(k+2) of the 16 requests verify at every step.
+    assert max(unified) <= 6 and min(unified) >= 1, unified
+
+
+@pytest.mark.slow
+def test_finishing_offloading_and_restoring_in_one_step_loses_nothing(tiny_params, smollm2):
+    ids = prompts(40, seed=1)
+    rng = np.random.default_rng(2)
+    params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(2, 60)), ignore_eos=True) for _ in ids]
+    expected = generate(make(tiny_params, smollm2.tokenizer, method="none"), ids, params)
+
+    engine = make(tiny_params, smollm2.tokenizer, kv_cache_tokens=400, host_kv_tokens=1200)
+    requests = [engine.add_request(i, p, str(n)) for n, (i, p) in enumerate(zip(ids, params))]
+    finished = collections.Counter()
+    busy_steps = 0
+    while engine.has_unfinished():
+        offloads, restores = engine.scheduler.num_offloads, engine.num_restores
+        done = engine.step()
+        finished.update(r.request_id for r in done)
+        busy_steps += bool(done) and engine.scheduler.num_offloads > offloads and engine.num_restores > restores
+    assert finished == collections.Counter(str(n) for n in range(len(ids)))
+    assert [r.output_ids for r in requests] == expected
+    assert busy_steps > 0, "no step finished, offloaded and restored requests together"
+    assert engine.host_kv.used_tokens == 0 and engine.allocator.num_free == engine.allocator.num_pages - 1
