@@ -74,15 +74,17 @@ def smollm2_rows(args) -> list[list]:
     return rows
 
 
-def place_at_context(engine: Engine, batch: int, context: int, new_tokens: int, seed: int) -> None:
-    """Admit `batch` requests as if their `context`-token prompts were already prefilled (random K/V)."""
+def place_at_context(engine: Engine, batch: int, context: int, new_tokens: int, seed: int,
+                     reserve: int | None = None) -> None:
+    """Admit `batch` requests as if their `context`-token prompts were already prefilled (random K/V), with
+    pages for `reserve` more tokens (default: all new tokens)."""
     rng = np.random.default_rng(seed)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for _ in range(batch):
         request = engine.add_request(rng.integers(0, engine.model_config.vocab_size, context).tolist(), params)
         engine.scheduler.waiting.remove(request)
         engine.scheduler.admit(request)
-        engine.allocator.grow(request.pages, context + new_tokens + 1)
+        engine.allocator.grow(request.pages, context + (new_tokens + 1 if reserve is None else reserve))
         request.num_computed = context - 1
     key_k, key_v = jax.random.split(jax.random.key(seed))
     shape, dtype = engine.kv.k.shape, engine.kv.k.dtype

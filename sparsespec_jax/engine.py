@@ -7,6 +7,7 @@ steady state. With `sync_host` it reads each step's results before planning the 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -141,6 +142,7 @@ class Engine:
         self.metrics = StepLog()
         self.num_restores = 0
         self._in_flight: _InFlight | None = None
+        self._waited, self._taken = 0.0, 0         # per iteration: seconds blocked on results, tokens read
         self._num_requests = 0
         self.num_steps = 0
 
@@ -202,7 +204,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one engine iteration; return the requests whose completion the host learned of in it."""
         started = time.perf_counter()
-        self._waited = 0.0
+        self._waited, self._taken = 0.0, 0
         finished: list[Request] = []
         self.host_kv.poll()
         if self._in_flight is not None and self.scheduler.pages_short():
@@ -210,9 +212,10 @@ class Engine:
         rows = self.scheduler.schedule()
         if not rows:
             if self._in_flight is not None:
-                finished += self._settle()
+                finished += self._settle()              # everyone waits for the step in flight
             elif self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: the KV pool cannot hold the next request")
+            self._record(started, rows)
             return finished
         batch = build_unified_batch(rows, self.limits, self.width, self.config.max_batch_size)
         drafts = [row for row in rows if row.kind is RowKind.DRAFT]
@@ -226,38 +229,36 @@ class Engine:
         self.scheduler.apply(rows)
         self.num_steps += 1
         previous, self._in_flight = self._in_flight, _InFlight(rows, outputs)
-        emitted = 0
         if previous is not None:
-            emitted, done = self._read(previous)
-            finished += done
+            finished += self._read(previous)            # step t-1 while step t runs
         if self.config.sync_host:
-            count, done = self._read(self._in_flight)
-            self._in_flight = None
-            emitted += count
-            finished += done
+            finished += self._settle()
+        self._record(started, rows)
+        return finished
+
+    def _record(self, started: float, rows: list[ScheduledRow]) -> None:
         elapsed = (time.perf_counter() - started) * 1e3
+        kinds = collections.Counter(row.kind for row in rows)
+        verifies = sum(row.stalls for row in rows)
         self.metrics.add(StepMetrics(
             step=self.num_steps, host_ms=elapsed - self._waited * 1e3, wait_ms=self._waited * 1e3,
-            step_ms=elapsed, tokens=sum(row.num_tokens for row in rows),
-            prefill_rows=sum(row.kind is RowKind.PREFILL for row in rows), draft_rows=len(drafts),
-            verify_rows=sum(row.stalls for row in rows),
-            decode_rows=sum(row.kind is RowKind.VERIFY and not row.stalls for row in rows),
-            emitted_tokens=emitted,
+            step_ms=elapsed, tokens=sum(row.num_tokens for row in rows), prefill_rows=kinds[RowKind.PREFILL],
+            draft_rows=kinds[RowKind.DRAFT], verify_rows=verifies, decode_rows=kinds[RowKind.VERIFY] - verifies,
+            emitted_tokens=self._taken,
             kv_tokens_used=(self.allocator.num_pages - 1 - self.allocator.num_free) * self.config.page_size,
             kv_tokens_offloaded=self.host_kv.used_tokens))
-        return finished
 
     def _settle(self) -> list[Request]:
         """Read the step in flight (blocking) so every request's state is known to the host."""
         in_flight, self._in_flight = self._in_flight, None
-        return self._read(in_flight)[1]
+        return self._read(in_flight)
 
-    def _read(self, in_flight: _InFlight) -> tuple[int, list[Request]]:
-        """Consume a dispatched step's emitted tokens: (tokens taken, requests finished)."""
+    def _read(self, in_flight: _InFlight) -> list[Request]:
+        """Consume a dispatched step's emitted tokens; returns the requests that finished."""
         waited = time.perf_counter()
         tokens, num_emitted = np.asarray(in_flight.outputs.tokens), np.asarray(in_flight.outputs.num_emitted)
         self._waited += time.perf_counter() - waited
-        finished, taken = [], 0
+        finished = []
         now = time.perf_counter()
         speculative = self.spec.speculative
         for r, row in enumerate(row for row in in_flight.rows if row.emits):
@@ -275,11 +276,11 @@ class Engine:
                 request.stats.drafted_tokens += row.num_drafts
                 request.stats.accepted_tokens += emitted - 1
             for token in tokens[r, :emitted]:
-                taken += 1
+                self._taken += 1
                 if self._append_token(request, int(token), now):
                     finished.append(request)
                     break
-        return taken, finished
+        return finished
 
     def _sampling_arrays(self, rows: list[ScheduledRow], num_rows: int) -> SamplingArrays:
         return SamplingArrays.from_rows([row.request.params for row in rows],

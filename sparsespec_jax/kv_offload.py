@@ -40,7 +40,7 @@ def scatter_pages(kv: KVCache, page_ids, k_chunk, v_chunk) -> KVCache:
                    page_size=kv.page_size)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class OffloadedKV:
     """One request's KV in host memory (chunks still landing are device arrays with a copy in flight)."""
 

@@ -143,6 +143,7 @@ class Stream(enum.IntEnum):
     DRAFT = 1       # a draft step's proposal
     ACCEPT = 2      # the uniform deciding whether a draft token is accepted
     RESIDUAL = 3    # the correction token drawn from norm(max(0, p - q)) after a rejection
+    REPLAY = 4      # a replayed acceptance count (benchmarks of random-weight models only)
 
 
 def token_key(seed, position, stream, nonce=0) -> jax.Array:

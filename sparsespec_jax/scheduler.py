@@ -47,6 +47,7 @@ class ScheduledRow:
     refresh: bool = False         # VERIFY: renews the request's token set
     proposal: tuple[int, ...] | None = None  # VERIFY: host-made drafts (n-gram), None for model drafts
     emits: bool = False           # the row's sample becomes output
+    phase: int | None = None      # a first cycle's chosen verify phase (step index mod cycle length)
     epoch: int = 0                # request.epoch when planned; results of older epochs are ignored
 
     @property
@@ -157,16 +158,14 @@ class Scheduler:
                 loads[request.phase] += 1
         return loads
 
-    def _first_cycle_drafts(self, limit: int) -> int:
+    def _first_cycle_drafts(self, limit: int, loads: list[int]) -> int:
         """Drafts of a request's next cycle so that its verify lands in the chosen phase."""
         length = self.policy.cycle_length
         if self.policy.mode == "phased":
             return min(limit, (length - 1 - self.step_index) % length)
-        loads = self._phase_loads()
-        best = min(range(limit + 1), key=lambda j: (loads[(self.step_index + j) % length], -j))
-        return best
+        return min(range(limit + 1), key=lambda j: (loads[(self.step_index + j) % length], -j))
 
-    def _next_row(self, request: Request, budget: int) -> ScheduledRow | None:
+    def _next_row(self, request: Request, budget: int, loads: list[int]) -> ScheduledRow | None:
         """The request's row for this step (not yet applied), or None if it sits this step out."""
         if request.awaiting:
             return None
@@ -192,20 +191,24 @@ class Scheduler:
                 proposal = proposal[:budget - 1]
             return ScheduledRow(request, RowKind.VERIFY, start, len(proposal) + 1, num_drafts=len(proposal),
                                 cycle_start=start, proposal=proposal, emits=True)
+        phase = None
         if request.draft_index is None:                          # a new cycle starts here
             limit = min(policy.k, room - 1)
-            num_drafts = self._first_cycle_drafts(limit) if (request.phase is None or policy.mode == "phased") \
-                else limit
+            num_drafts = limit
+            if request.phase is None or policy.mode == "phased":
+                num_drafts = self._first_cycle_drafts(limit, loads)
+                phase = (self.step_index + num_drafts) % policy.cycle_length
             draft_index, cycle_start = 0, start
         else:
             num_drafts, draft_index, cycle_start = request.cycle_drafts, request.draft_index, request.cycle_start
         if draft_index < num_drafts:
             return ScheduledRow(request, RowKind.DRAFT, cycle_start + draft_index, 1, draft_index=draft_index,
-                                num_drafts=num_drafts, cycle_start=cycle_start, sparse=request.has_sets)
+                                num_drafts=num_drafts, cycle_start=cycle_start, sparse=request.has_sets,
+                                phase=phase)
         if num_drafts + 1 > budget:
             return None
         return ScheduledRow(request, RowKind.VERIFY, cycle_start, num_drafts + 1, num_drafts=num_drafts,
-                            cycle_start=cycle_start, refresh=True, emits=True)
+                            cycle_start=cycle_start, refresh=True, emits=True, phase=phase)
 
     def _pages_for(self, row: ScheduledRow) -> int:
         """Tokens the request's page table must cover for this row (a cycle's first row reserves the cycle)."""
@@ -214,12 +217,13 @@ class Scheduler:
         return row.cycle_start + row.num_drafts + 1
 
     def pages_short(self) -> bool:
-        """Whether this step's running requests would need more pages than are free (eviction ahead)."""
+        """Whether this step might need more pages than are free (so an eviction may be ahead): an upper bound
+        of every running request's growth, whatever its next row turns out to be."""
         needed = 0
         for request in self.running:
-            row = self._next_row(request, self.max_num_batched_tokens)
-            if row is not None:
-                needed += self.allocator.pages_needed(self._pages_for(row), len(request.pages))
+            prefilling = request.num_computed < request.num_tokens + request.pending - 1
+            target = request.num_computed + (self.prefill_chunk_size if prefilling else self.policy.k + 1)
+            needed += self.allocator.pages_needed(target, len(request.pages))
         return needed > self.allocator.num_free
 
     def schedule(self) -> list[ScheduledRow]:
@@ -227,19 +231,25 @@ class Scheduler:
         request's state known to the host: callers settle pending results first when pages_short()."""
         rows: list[ScheduledRow] = []
         budget = self.max_num_batched_tokens
+        loads = self._phase_loads()
         # Decoding requests first (verify, draft and plain decode rows), then prompt chunks, in admission order.
         for request in sorted(self.running, key=lambda r: r.num_computed < r.num_tokens + r.pending - 1):
             if request.status is not RequestStatus.RUNNING:
                 continue                                          # evicted earlier in this loop
-            row = self._next_row(request, budget)
+            row = self._next_row(request, budget, loads)
             if row is None:
                 continue
+            if row.phase is not None and request.phase is None:
+                loads[row.phase] += 1
             while True:
                 try:
                     self.allocator.grow(request.pages, self._pages_for(row))
                     break
                 except OutOfPagesError:
                     victim = self.running[-1]                # the most recently admitted, maybe `request`
+                    if victim.pending or victim.awaiting:
+                        raise RuntimeError(f"request {victim.request_id} evicted with results in flight; "
+                                           f"settle them first (pages_short)")
                     rows = [r for r in rows if r.request is not victim]
                     self._evict(victim)
                     if victim is request:
@@ -272,7 +282,6 @@ class Scheduler:
 
     def apply(self, rows: list[ScheduledRow]) -> None:
         """Advance host-side request state for rows just dispatched."""
-        length = self.policy.cycle_length
         for row in rows:
             request = row.request
             request.stats.steps += 1
@@ -281,14 +290,12 @@ class Scheduler:
             elif row.kind is RowKind.DRAFT:
                 if row.draft_index == 0:
                     request.cycle_start, request.cycle_drafts = row.cycle_start, row.num_drafts
-                    request.phase = (self.step_index + row.num_drafts) % length
                 request.draft_index = row.draft_index + 1
             else:
                 request.end_cycle()
-                if self.policy.drafts_with_model:
-                    request.has_sets = True
-                    if request.phase is None:
-                        request.phase = self.step_index % length
+                request.has_sets = request.has_sets or self.policy.drafts_with_model
+            if row.phase is not None:
+                request.phase = row.phase
             if row.emits and not row.stalls:
                 request.pending += 1
                 if row.kind is RowKind.VERIFY:

@@ -22,7 +22,7 @@ from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.model import Transformer
 from sparsespec_jax.sampling import SamplingArrays
 from sparsespec_jax.slot_state import SlotState
-from sparsespec_jax.spec.acceptance import draft_sample, verify_drafts
+from sparsespec_jax.spec.acceptance import draft_sample, replay_acceptance, verify_drafts
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets, pillar_refresh, streaming_refresh, with_draft_positions
 from sparsespec_jax.step_batch import UnifiedBatch
@@ -120,8 +120,12 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
     index = jnp.minimum(emits.first_token[:, None] + jnp.arange(width)[None, :], tokens.shape[0] - 1)
     target_logits = model.logits(hidden[index])                                          # [Re, width, V]
     row_log_q = None if log_q is None else log_q[emits.slot]
-    emitted, num_emitted = verify_drafts(target_logits, tokens[index[:, 1:]], row_log_q, emits.num_drafts,
-                                         emit_sampling, emits.position)
+    if spec.replay_acceptance is None:
+        emitted, num_emitted = verify_drafts(target_logits, tokens[index[:, 1:]], row_log_q, emits.num_drafts,
+                                             emit_sampling, emits.position)
+    else:
+        emitted, num_emitted = replay_acceptance(target_logits, tokens[index[:, 1:]], emits.num_drafts,
+                                                 spec.replay_acceptance, emit_sampling, emits.position)
     newest = emitted[jnp.arange(num_emit), num_emitted - 1]
     window = window.at[emits.slot, 0].set(newest)
     sets = state.sets

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from sparsespec_jax.sampling import SamplingArrays, SamplingError, SamplingParams, processed_log_probs, sample_tokens
-from sparsespec_jax.spec.acceptance import NO_TOKEN, draft_sample, verify_drafts
+from sparsespec_jax.spec.acceptance import NO_TOKEN, draft_sample, replay_acceptance, verify_drafts
 
 VOCAB = 8
 ROWS = 16384
@@ -210,3 +210,24 @@ def test_bad_shapes_are_rejected():
         verify_drafts(logits, drafts, jnp.zeros((2, 2, 7)), zeros, arrays, zeros)
     with pytest.raises(SamplingError, match="num_drafts"):
         verify_drafts(logits, drafts, None, jnp.zeros(3, jnp.int32), arrays, zeros)
+
+
+def test_replayed_acceptance_follows_its_distribution_and_keeps_draft_prefixes():
+    """Benchmark-only replay: accepted counts are drawn from the given distribution, capped by num_drafts."""
+    k, rows = 4, 4096
+    distribution = (0.1, 0.2, 0.1, 0.25, 0.35)
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(rows, k + 1, VOCAB)), jnp.float32)
+    drafts = jnp.asarray(rng.integers(0, VOCAB, (rows, k)), jnp.int32)
+    num_drafts = jnp.asarray(np.where(np.arange(rows) < rows // 2, k, 2), jnp.int32)
+    arrays = toy_arrays(rows, 1.0, 0, 1.0)
+    tokens, emitted = jax.jit(replay_acceptance, static_argnums=3)(
+        logits, drafts, num_drafts, distribution, arrays, jnp.full(rows, 7, jnp.int32))
+    tokens, accepted = np.asarray(tokens), np.asarray(emitted) - 1
+    full = accepted[:rows // 2]
+    counts = np.bincount(full, minlength=k + 1)
+    assert stats.chisquare(counts, np.asarray(distribution) * len(full)).pvalue > 1e-3
+    assert accepted[rows // 2:].max() == 2 and (accepted[rows // 2:] == 2).mean() > 0.6     # capped: P(>=2) = 0.7
+    for r in range(0, rows, 97):
+        np.testing.assert_array_equal(tokens[r, :accepted[r]], np.asarray(drafts)[r, :accepted[r]])
+        assert (tokens[r, accepted[r] + 1:] == NO_TOKEN).all() and tokens[r, accepted[r]] != NO_TOKEN

@@ -112,3 +112,24 @@ def verify_drafts(target_logits: jax.Array, draft_tokens: jax.Array, draft_log_p
     tokens = jnp.where(index < num_accepted[:, None], drafts,
                        jnp.where(index == num_accepted[:, None], emitted[:, None], NO_TOKEN))
     return tokens, num_accepted + 1
+
+
+def replay_acceptance(target_logits: jax.Array, draft_tokens: jax.Array, num_drafts: jax.Array,
+                      distribution: tuple[float, ...], arrays: SamplingArrays, positions: jax.Array):
+    """Benchmark stand-in for verify_drafts on random-weight models, whose own acceptance means nothing: the
+    number of accepted drafts is drawn from `distribution` (probabilities of accepting 0..k, measured on a real
+    model) and capped by num_drafts; the emitted token after them is sampled from the target as usual. Output
+    is NOT the target distribution. Same shapes and return values as verify_drafts."""
+    rows, width, _ = target_logits.shape
+    log_dist = jnp.log(jnp.asarray(distribution, jnp.float32))
+    keys = token_key(arrays.seed, positions, Stream.REPLAY)
+    drawn = jax.vmap(lambda key: jax.random.categorical(key, log_dist))(keys).astype(jnp.int32)
+    num_accepted = jnp.minimum(drawn, jnp.clip(num_drafts, 0, width - 1))
+    target_lp = processed_log_probs(target_logits[jnp.arange(rows), num_accepted], arrays.temperature,
+                                    arrays.top_k, arrays.top_p)
+    emitted = sample_from_log_probs(token_key(arrays.seed, positions + num_accepted, Stream.SAMPLE), target_lp)
+    index = jnp.arange(width, dtype=jnp.int32)[None, :]
+    drafts = jnp.concatenate([draft_tokens.astype(jnp.int32), jnp.full((rows, 1), NO_TOKEN, jnp.int32)], axis=1)
+    tokens = jnp.where(index < num_accepted[:, None], drafts,
+                       jnp.where(index == num_accepted[:, None], emitted[:, None], NO_TOKEN))
+    return tokens, num_accepted + 1

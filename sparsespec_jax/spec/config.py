@@ -21,6 +21,9 @@ class SpecConfig:
     sink_tokens: int = 4
     ngram_max: int = 3
     ngram_min: int = 1
+    # Benchmarks of random-weight models only: accept 0..k drafts with these probabilities instead of verifying
+    # (the output is then not the model's distribution). None = real verification, always the default.
+    replay_acceptance: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.method not in DRAFT_METHODS:
@@ -35,6 +38,12 @@ class SpecConfig:
             raise ValueError(f"sink_tokens: must be an integer >= 0, got {self.sink_tokens!r}")
         if self.sink_tokens >= self.min_budget:
             raise ValueError(f"sink_tokens ({self.sink_tokens}) must be below min_budget ({self.min_budget})")
+        if self.replay_acceptance is not None:
+            probs = tuple(float(p) for p in self.replay_acceptance)
+            if len(probs) != self.k + 1 or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-3):
+                raise ValueError(f"replay_acceptance: need k + 1 = {self.k + 1} probabilities >= 0 summing to 1, "
+                                 f"got {self.replay_acceptance!r}")
+            object.__setattr__(self, "replay_acceptance", probs)
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"ngram sizes: need 1 <= ngram_min ({self.ngram_min}) <= ngram_max ({self.ngram_max})")
 
