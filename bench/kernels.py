@@ -5,9 +5,14 @@ and `lax.top_k`. Shapes: Qwen3-8B-like (Hq 32, Hkv 8, D 128) and SmolLM2 (Hq 9, 
 Each timing is the median over repetitions of a jitted call that runs the op on several input sets back to
 back (different queries and page tables, so nothing is cached or deduplicated), divided by the set count.
 "Effective TB/s" counts the bytes that must be read: K+V of every attended position (K only for scores,
-the float32 scores for top-K) over the time.
+the float32 scores for top-K) over the time; for the KV write, the bytes written.
 
-    python bench/kernels.py [--budget-s 300] [--out results.md]
+Sections: "kernels" (each kernel alone, variant sweeps, peers), "mixed" (a unified-scheduler step at k = 8:
+1/(k+1) of the rows verify, the rest draft over 5% of the context; the unified launch against the separate
+draft + verify launches) and "kv_write" (the per-step scatter of new K/V into the pool, alone and inside the
+jit that also runs the step's attention).
+
+    python bench/kernels.py [--budget-s 300] [--out results.md] [--sections kernels mixed kv_write]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_
 from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference  # noqa: E402
 from pallas_kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_reference  # noqa: E402
 from pallas_kernels.topk_select import topk_select  # noqa: E402
+from pallas_kernels.unified_attention import unified_attention, unified_attention_reference  # noqa: E402
 
 MODELS = {"qwen3-8b": dict(hq=32, hkv=8, d=128, layers=36), "smollm2": dict(hq=9, hkv=3, d=64, layers=30)}
 PAGE_SIZE = 16
@@ -51,6 +57,15 @@ SPARSE_VARIANTS = [DEFAULTS, (32, 4, 3, 4), (32, 4, 2, 4), (32, 4, 3, 8), (16, 4
 SCORE_VARIANTS = [DEFAULTS, (64, 4, 2, None), (64, 4, 2, 2), (128, 4, 2, None), (64, 4, 3, None), (128, 8, 2, None),
                   (32, 4, 3, None)]
 TOPK_WARPS = [4, 8]
+MIX_BATCHES = (64, 128)
+MIX_SEQ = 8192
+MIX_SETS = 16                       # input sets per timed call: a mixed step takes only ~0.2 ms
+UNIFIED_SPEEDUP_TARGET = 1.2
+# Unified-launch options; {} = the kernel's own choice.
+UNIFIED_VARIANTS = [{}, dict(target_programs=768), dict(target_programs=1024), dict(target_programs=1536),
+                    dict(target_programs=2048), dict(num_stages=4), dict(num_stages=2),
+                    dict(block_kv=64, num_stages=3)]
+SECTIONS = ("kernels", "mixed", "kv_write")
 
 
 class Deadline:
@@ -70,6 +85,27 @@ def median_seconds(fn, fixed, sets, *, reps):
     for _ in range(reps):
         start = time.perf_counter()
         jax.block_until_ready(many(fixed, sets))
+        times.append((time.perf_counter() - start) / len(sets))
+    return statistics.median(times)
+
+
+def median_seconds_in_place(step, pools, sets, *, reps):
+    """Median wall time per set of `pools, out = step(pools, *set)` chained over the sets by lax.scan (as the
+    model chains its layers) in one jitted call that donates the pools, so writes land in place as in the
+    engine's step. Works on a copy of `pools`.
+
+    Not a Python loop: there each step's kernel reads the pool that the next step's scatter updates with no
+    data dependency ordering the two, and XLA then copies the whole pool before every scatter."""
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *sets)
+    many = jax.jit(lambda pools, stacked: jax.lax.scan(lambda p, inputs: step(p, *inputs), pools, stacked),
+                   donate_argnums=0)
+    pools = jax.tree.map(jnp.copy, pools)
+    for _ in range(2):                                  # compile and warm up
+        pools, outputs = jax.block_until_ready(many(pools, stacked))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        pools, outputs = jax.block_until_ready(many(pools, stacked))
         times.append((time.perf_counter() - start) / len(sets))
     return statistics.median(times)
 
@@ -118,6 +154,8 @@ class Bench:
         self.deadline = deadline
         self.rows = []          # (op, model, shape, impl, config, ms, TB/s or None, note)
         self.log = []
+        self.mixed = []         # (model, shape, separate ms, unified defaults ms, best unified ms, its config)
+        self.kv_write = []      # (model, shape, alone ms, attention ms, attention + write ms)
 
     def record(self, op, model, shape, impl, config, seconds, nbytes, note=""):
         tbps = None if nbytes is None or seconds is None else nbytes / seconds / 1e12
@@ -126,13 +164,14 @@ class Bench:
         rate = "" if tbps is None else f"  {tbps:.2f} TB/s"
         print(f"  {op:8s} {model:9s} {shape:18s} {impl:24s} {config:22s} {ms}{rate} {note}", flush=True)
 
-    def attempt(self, op, model, shape, impl, config, fn, fixed, sets, nbytes, *, reps=7, min_left=20.0):
+    def attempt(self, op, model, shape, impl, config, fn, fixed, sets, nbytes, *, reps=7, min_left=20.0,
+                timer=median_seconds):
         """Time one implementation; failures and the deadline are recorded, never fatal."""
         if self.deadline.left() < min_left:
             self.record(op, model, shape, impl, config, None, nbytes, "skipped (time budget)")
             return None
         try:
-            seconds = median_seconds(fn, fixed, sets, reps=reps)
+            seconds = timer(fn, fixed, sets, reps=reps)
         except Exception as error:          # noqa: BLE001 - a failing variant must not stop the run
             lines = str(error).strip().splitlines()
             reason = lines[-1][:160] if lines else repr(error)
@@ -330,6 +369,164 @@ def run_topk(bench, model_name, *, sweep):
         print("  check:", bench.log[-1], flush=True)
 
 
+def mixed_sets(model, batch, seq, budget, count, key, pool_pages):
+    """Input sets of a unified-scheduler step at k = 8: round(B/(k+1)) rows verify (k+1 queries over a context
+    of seq), the others draft over `budget` listed slots; draft tokens come first, as the engine lays them out."""
+    num_verify = max(1, round(batch / VERIFY_QUERIES))
+    verify = paged_sets(model, num_verify, seq, VERIFY_QUERIES, count, key, pool_pages)
+    drafts = sparse_sets(model, batch - num_verify, budget, count, jax.random.fold_in(key, 1), pool_pages * PAGE_SIZE)
+    return [(jnp.concatenate([draft_q, verify_q]), slots, counts, q_start, q_len, kv_len, tables)
+            for (verify_q, q_start, q_len, kv_len, tables), (draft_q, slots, counts) in zip(verify, drafts)]
+
+
+def unified_fn(options):
+    def run(k_pool, v_pool, q, slots, count, q_start, q_len, kv_len, tables):
+        return unified_attention(q, k_pool, v_pool, LAYER, slots, count, q_start, q_len, kv_len, tables,
+                                 page_size=PAGE_SIZE, max_q_len=VERIFY_QUERIES, **options)
+    return run
+
+
+def separate_launches_fn(k_pool, v_pool, q, slots, count, q_start, q_len, kv_len, tables):
+    """What the unified launch replaces: the draft and the full-attention kernels (their defaults), concatenated."""
+    num_drafts = slots.shape[0]
+    draft_out, draft_lse = sparse_decode_attention(q[:num_drafts], k_pool, v_pool, LAYER, slots, count)
+    full_out, full_lse = ragged_paged_attention(q[num_drafts:], k_pool, v_pool, LAYER, q_start, q_len, kv_len, tables,
+                                                page_size=PAGE_SIZE, max_q_len=VERIFY_QUERIES)
+    return jnp.concatenate([draft_out, full_out]), jnp.concatenate([draft_lse, full_lse])
+
+
+def unified_reference_fn(k_pool, v_pool, q, slots, count, q_start, q_len, kv_len, tables):
+    return unified_attention_reference(q, k_pool, v_pool, LAYER, slots, count, q_start, q_len, kv_len, tables,
+                                       page_size=PAGE_SIZE, max_q_len=VERIFY_QUERIES)
+
+
+def options_name(options):
+    return " ".join(f"{name}={value}" for name, value in options.items()) or "defaults"
+
+
+def fastest_ms(timings):
+    """The fastest of several timings in seconds (None = failed or skipped), in milliseconds."""
+    done = [seconds for seconds in timings if seconds is not None]
+    return min(done) * 1e3 if done else None
+
+
+def run_mixed(bench, model_name, batches, seq):
+    """The unified launch (its variants) against the separate draft + verify launches at each batch size."""
+    model = MODELS[model_name]
+    pool_pages = max(batches) * seq // PAGE_SIZE + 8
+    k_pool, v_pool = make_pool(model, pool_pages * PAGE_SIZE, jax.random.key(1))
+    kv_row_bytes = model["hkv"] * model["d"] * 2 * jnp.dtype(DTYPE).itemsize
+    budget = int(np.ceil(SPARSE_FRACTION * seq))
+    for batch in batches:
+        sets = mixed_sets(model, batch, seq, budget, MIX_SETS, jax.random.key(batch), pool_pages)
+        num_drafts = sets[0][1].shape[0]
+        num_verify = batch - num_drafts
+        shape = f"B{batch} S{seq} V{num_verify} K{budget}"
+        nbytes = (num_verify * seq + num_drafts * budget) * kv_row_bytes
+
+        def attempt(impl, config, fn):
+            return bench.attempt("mixed", model_name, shape, impl, config, fn, (k_pool, v_pool), sets, nbytes)
+
+        # The first timing of a group tends to be slow: the separate launches and the unified defaults are timed
+        # first and again last, and each keeps its faster time.
+        separate = [attempt("pallas 2 launches", "defaults", separate_launches_fn)]
+        unified = {options_name(options): [attempt("pallas unified", options_name(options), unified_fn(options))]
+                   for options in UNIFIED_VARIANTS}
+        separate.append(attempt("pallas 2 launches", "defaults", separate_launches_fn))
+        unified["defaults"].append(attempt("pallas unified", "defaults", unified_fn({})))
+        fastest = {name: fastest_ms(times) for name, times in unified.items()}
+        timed = {name: ms for name, ms in fastest.items() if ms is not None}
+        best = min(timed, key=timed.get) if timed else None
+        bench.mixed.append((model_name, shape, fastest_ms(separate), fastest["defaults"], timed.get(best), best))
+        if best is not None and batch == batches[0]:
+            check_mixed(bench, model_name, shape, UNIFIED_VARIANTS[0], (k_pool, v_pool), sets[0])
+    del k_pool, v_pool
+
+
+def check_mixed(bench, model_name, shape, options, fixed, inputs):
+    if bench.deadline.left() < 30:
+        return
+    try:
+        out, lse = jax.jit(unified_fn(options))(*fixed, *inputs)
+        ref_out, ref_lse = jax.jit(unified_reference_fn)(*fixed, *inputs)
+        note = f"max|out-ref| {max_error(out, ref_out):.2e}, max|lse-ref| {max_error(lse, ref_lse):.2e}"
+    except Exception as error:              # noqa: BLE001
+        note = f"check FAILED: {str(error).splitlines()[-1][:160]}"
+    bench.log.append(f"mixed {model_name} {shape} unified {options_name(options)}: {note}")
+    print("  check:", bench.log[-1], flush=True)
+
+
+def write_step(attend):
+    """One layer of a step: scatter the new K/V into the pool (XLA `.at[].set`, as the model does), then,
+    if `attend`, the step's unified attention over the updated pool."""
+
+    def step(pools, k_new, v_new, write_slots, *attention_inputs):
+        k_pool = pools[0].at[LAYER, :, write_slots].set(k_new)
+        v_pool = pools[1].at[LAYER, :, write_slots].set(v_new)
+        out = unified_fn({})(k_pool, v_pool, *attention_inputs) if attend else None
+        return (k_pool, v_pool), out
+    return step
+
+
+def attention_step(pools, k_new, v_new, write_slots, *attention_inputs):
+    """The same step without the write: the baseline the write's marginal cost is measured against."""
+    return pools, unified_fn({})(*pools, *attention_inputs)
+
+
+def run_kv_write(bench, model_name, batches, seq):
+    """Cost of the per-layer KV write of a mixed step (draft tokens + k+1 per verify row): the scatter alone, and
+    its marginal cost inside the jit that also runs the step's attention (pools donated in both)."""
+    model = MODELS[model_name]
+    pool_pages = max(batches) * seq // PAGE_SIZE + 8
+    pools = make_pool(model, pool_pages * PAGE_SIZE, jax.random.key(2))
+    budget = int(np.ceil(SPARSE_FRACTION * seq))
+    for batch in batches:
+        key = jax.random.key(batch + 1)
+        attention_sets = mixed_sets(model, batch, seq, budget, MIX_SETS, key, pool_pages)
+        num_tokens = attention_sets[0][0].shape[0]
+        sets = []
+        for i, inputs in enumerate(attention_sets):
+            k_key, v_key, s_key = jax.random.split(jax.random.fold_in(key, 100 + i), 3)
+            new_shape = (num_tokens, model["hkv"], model["d"])
+            write_slots = jax.random.permutation(s_key, pool_pages * PAGE_SIZE)[:num_tokens].astype(jnp.int32)
+            sets.append((jax.random.normal(k_key, new_shape, DTYPE), jax.random.normal(v_key, new_shape, DTYPE),
+                         write_slots, *inputs))
+        shape = f"B{batch} S{seq} N{num_tokens}"
+        nbytes = num_tokens * model["hkv"] * model["d"] * 2 * jnp.dtype(DTYPE).itemsize
+        timed = [bench.attempt("kv_write", model_name, shape, impl, "", step, pools, sets, nbytes,
+                               timer=median_seconds_in_place)
+                 for impl, step in (("xla scatter alone", write_step(False)),
+                                    ("unified attention alone", attention_step),
+                                    ("scatter+attention 1 jit", write_step(True)))]
+        bench.kv_write.append((model_name, shape, *(fastest_ms([seconds]) for seconds in timed)))
+    del pools
+
+
+def comparison_sections(bench):
+    """Markdown of the unified-vs-separate and KV-write comparisons (empty when those sections did not run)."""
+    lines = []
+    if bench.mixed:
+        lines += ["## Unified launch vs separate draft + verify launches (k = 8 mix)", "",
+                  "| model | shape | 2 launches ms | unified ms | speedup | target | best unified ms (config) |",
+                  "|---|---|---|---|---|---|---|"]
+        for model, shape, separate, unified, best, config in bench.mixed:
+            speedup = "-" if None in (separate, unified) else f"{separate / unified:.2f}x"
+            cells = ["-" if value is None else f"{value:.3f}" for value in (separate, unified, best)]
+            lines.append(f"| {model} | {shape} | {cells[0]} | {cells[1]} | {speedup} | >= {UNIFIED_SPEEDUP_TARGET}x | "
+                         f"{cells[2]} ({config or '-'}) |")
+        lines.append("")
+    if bench.kv_write:
+        lines += ["## KV write per layer (multiply by the layer count for a step)", "",
+                  "| model | shape | scatter alone ms | attention ms | scatter + attention ms | write's marginal ms |",
+                  "|---|---|---|---|---|---|"]
+        for model, shape, alone, attention, both in bench.kv_write:
+            marginal = "-" if None in (attention, both) else f"{both - attention:.4f}"
+            cells = ["-" if value is None else f"{value:.4f}" for value in (alone, attention, both)]
+            lines.append(f"| {model} | {shape} | {' | '.join(cells)} | {marginal} |")
+        lines.append("")
+    return lines
+
+
 def summary(bench):
     lines = ["| op | model | shape | impl | config | ms | eff. TB/s | note |", "|---|---|---|---|---|---|---|---|"]
     best = {}
@@ -349,6 +546,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new timings after this")
     parser.add_argument("--out", type=Path, help="write the full markdown report here")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to time")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if jax.default_backend() != "gpu":
@@ -358,16 +556,24 @@ def main():
     print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
 
     # Most important first: the time budget may cut the tail.
-    chosen = run_model(bench, "qwen3-8b", [(64, 8192)], sweep=True, peers=True)
-    run_topk(bench, "qwen3-8b", sweep=True)
-    run_model(bench, "qwen3-8b", [(32, 4096), (64, 4096), (32, 8192)], sweep=False, peers=False, chosen=chosen)
-    run_model(bench, "smollm2", [(64, 8192), (32, 4096)], sweep=False, peers=True)
-    run_topk(bench, "smollm2", sweep=False)
+    chosen = {}
+    if "kernels" in args.sections:
+        chosen = run_model(bench, "qwen3-8b", [(64, 8192)], sweep=True, peers=True)
+    if "mixed" in args.sections:
+        run_mixed(bench, "qwen3-8b", MIX_BATCHES, MIX_SEQ)
+    if "kv_write" in args.sections:
+        run_kv_write(bench, "qwen3-8b", MIX_BATCHES, MIX_SEQ)
+    if "kernels" in args.sections:
+        run_topk(bench, "qwen3-8b", sweep=True)
+        run_model(bench, "qwen3-8b", [(32, 4096), (64, 4096), (32, 8192)], sweep=False, peers=False, chosen=chosen)
+        run_model(bench, "smollm2", [(64, 8192), (32, 4096)], sweep=False, peers=True)
+        run_topk(bench, "smollm2", sweep=False)
 
     table = summary(bench)
     report = "\n".join([
         f"# Kernel benchmark, {datetime.date(2026, 11, 28).isoformat()}, {device.device_kind} (jax {jax.__version__})",
-        "", f"Chosen Qwen3-8B configs: {', '.join(f'{k}: {variant_name(v)}' for k, v in chosen.items())}", "",
+        "", f"Chosen Qwen3-8B configs: {', '.join(f'{k}: {variant_name(v)}' for k, v in chosen.items()) or '-'}", "",
+        *comparison_sections(bench),
         "## All timings", "", "```",
         *(f"{r[0]} {r[1]} {r[2]} {r[3]} {r[4]} "
           f"{'-' if r[5] is None else f'{r[5]:.3f} ms'} {'' if r[6] is None else f'{r[6]:.2f} TB/s'} {r[7]}"
@@ -377,6 +583,7 @@ def main():
     if args.out:
         args.out.write_text(report)
     print("\n" + table)
+    print("\n".join(comparison_sections(bench)))
 
 
 if __name__ == "__main__":

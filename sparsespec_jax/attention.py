@@ -1,8 +1,9 @@
 """The one attention dispatch layer: every attention-shaped call of the engine goes through here.
 
-Backends: "reference" (pure jnp, runs anywhere) and "pallas" (the Pallas kernels in pallas_kernels/, Triton
-lowering on GPU; interpreted on CPU, which is how CI checks them). "auto" picks pallas on GPU, reference
-elsewhere. Both compute the same functions; kernels sit beside their references.
+Backends: "reference" (pure jnp, runs anywhere), "pallas" (the Pallas GPU kernels in pallas_kernels/, Triton
+lowering on GPU; interpreted on CPU, which is how CI checks them) and "pallas-tpu" (the Pallas TPU kernels,
+Mosaic lowering on a Cloud TPU; run by the TPU interpreter elsewhere). "auto" picks pallas on GPU, pallas-tpu
+on TPU, reference elsewhere. All compute the same functions; kernels sit beside their references.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
-from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference
-from pallas_kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_reference
-from pallas_kernels.topk_select import topk_select, topk_select_reference
+from jax.experimental.pallas import tpu as pltpu
 
-BACKENDS = ("reference", "pallas")
+from pallas_kernels.paged_attention import (
+    ragged_paged_attention, ragged_paged_attention_reference, ragged_paged_attention_tpu)
+from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference, pillar_scores_paged_tpu
+from pallas_kernels.sparse_attention import (
+    sparse_decode_attention, sparse_decode_attention_reference, sparse_decode_attention_tpu)
+from pallas_kernels.topk_select import topk_select, topk_select_reference, topk_select_tpu
+from pallas_kernels.unified_attention import unified_attention as unified_attention_kernel
+from pallas_kernels.unified_attention import unified_attention_reference
+
+BACKENDS = ("reference", "pallas", "pallas-tpu")
 
 
 @jax.tree_util.register_dataclass
@@ -41,14 +48,17 @@ class AttentionMetadata:
 def resolve_backend(name: str) -> str:
     """Map a user choice ("auto" included) to a concrete backend name."""
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        return {"gpu": "pallas", "tpu": "pallas-tpu"}.get(jax.default_backend(), "reference")
     if name not in BACKENDS:
         raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
     return name
 
 
-def _interpret() -> bool:
-    """Pallas GPU kernels are interpreted where there is no GPU to lower them for."""
+def _interpret(backend: str = "pallas"):
+    """Pallas kernels are interpreted where there is no device of their kind to lower them for: GPU kernels
+    by the generic interpreter, TPU kernels by the TPU interpreter (it simulates VMEM, SMEM and DMAs)."""
+    if backend == "pallas-tpu":
+        return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
     return jax.default_backend() != "gpu"
 
 
@@ -58,6 +68,9 @@ def paged_attention(backend: str, q, k_pool, v_pool, layer, meta: AttentionMetad
     if backend == "pallas":
         return ragged_paged_attention(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
                                       interpret=_interpret())
+    if backend == "pallas-tpu":
+        return ragged_paged_attention_tpu(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
+                                          interpret=_interpret(backend))
     return ragged_paged_attention_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
 
 
@@ -65,6 +78,8 @@ def sparse_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count):
     """One query per row attending to its listed token slots: (out [R, Hq, D], lse [R, Hq])."""
     if backend == "pallas":
         return sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, interpret=_interpret())
+    if backend == "pallas-tpu":
+        return sparse_decode_attention_tpu(q, k_pool, v_pool, layer, slot_ids, count, interpret=_interpret(backend))
     return sparse_decode_attention_reference(q, k_pool, v_pool, layer, slot_ids, count)
 
 
@@ -75,6 +90,9 @@ def pillar_scores(backend: str, q, k_pool, layer, meta: AttentionMetadata, lse):
     if backend == "pallas":
         return pillar_scores_paged(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
                                    interpret=_interpret())
+    if backend == "pallas-tpu":
+        return pillar_scores_paged_tpu(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
+                                       interpret=_interpret(backend))
     return pillar_scores_paged_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
 
 
@@ -83,6 +101,8 @@ def top_k_positions(backend: str, scores, k, max_k: int):
     (indices int32 [R, H, max_k], count int32 [R])."""
     if backend == "pallas":
         return topk_select(scores, k, max_k=max_k, interpret=_interpret())
+    if backend == "pallas-tpu":
+        return topk_select_tpu(scores, k, max_k=max_k, interpret=_interpret(backend))
     return topk_select_reference(scores, k, max_k=max_k)
 
 
@@ -91,7 +111,13 @@ def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, m
     (one token each, attending to their listed slots), the remaining tokens belong to the ragged full-attention
     rows of `meta` (verify, prefill and dense draft rows; meta.q_start counts from the first of them).
     Returns (out [N, Hq, D], lse [N, Hq])."""
-    num_sparse = slot_ids.shape[0]
-    sparse_out, sparse_lse = sparse_attention(backend, q[:num_sparse], k_pool, v_pool, layer, slot_ids, count)
-    full_out, full_lse = paged_attention(backend, q[num_sparse:], k_pool, v_pool, layer, meta)
-    return jnp.concatenate([sparse_out, full_out]), jnp.concatenate([sparse_lse, full_lse])
+    args = (q, k_pool, v_pool, layer, slot_ids, count, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
+    if backend == "pallas":   # one launch for both row kinds
+        return unified_attention_kernel(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
+                                        interpret=_interpret())
+    if backend == "pallas-tpu":   # two launches: the draft rows, then the full-attention rows
+        num_drafts = slot_ids.shape[0]
+        draft_out, draft_lse = sparse_attention(backend, q[:num_drafts], k_pool, v_pool, layer, slot_ids, count)
+        full_out, full_lse = paged_attention(backend, q[num_drafts:], k_pool, v_pool, layer, meta)
+        return jnp.concatenate([draft_out, full_out]), jnp.concatenate([draft_lse, full_lse])
+    return unified_attention_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)

@@ -1,4 +1,5 @@
 from pallas_kernels.paged_attention.reference import ragged_paged_attention_reference
 from pallas_kernels.paged_attention.triton_kernel import ragged_paged_attention
+from pallas_kernels.paged_attention.tpu_kernel import ragged_paged_attention_tpu
 
-__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
+__all__ = ["ragged_paged_attention", "ragged_paged_attention_tpu", "ragged_paged_attention_reference"]

@@ -1,4 +1,5 @@
 from pallas_kernels.sparse_attention.reference import sparse_decode_attention_reference
 from pallas_kernels.sparse_attention.triton_kernel import sparse_decode_attention
+from pallas_kernels.sparse_attention.tpu_kernel import sparse_decode_attention_tpu
 
-__all__ = ["sparse_decode_attention", "sparse_decode_attention_reference"]
+__all__ = ["sparse_decode_attention", "sparse_decode_attention_tpu", "sparse_decode_attention_reference"]

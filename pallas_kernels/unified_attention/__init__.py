@@ -1,0 +1,4 @@
+from pallas_kernels.unified_attention.reference import unified_attention_reference
+from pallas_kernels.unified_attention.triton_kernel import unified_attention
+
+__all__ = ["unified_attention", "unified_attention_reference"]
