@@ -16,23 +16,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 
 import jax.numpy as jnp
 import numpy as np
 
-from common import device_description, markdown_table, today, write_result
+from common import device_description, markdown_table, placeholder_tokenizer, today, write_result
 from decode_throughput import QWEN3_1_7B, place_at_context
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
-from sparsespec_jax.loading import DEFAULT_MODEL, load_model
 from sparsespec_jax.model import random_params
 from sparsespec_jax.spec.config import SpecConfig
 
-ROWS = [  # label, scheduler, sync_host, host pool
-    ("naive (phased, sync, recompute)", "phased", True, False),
-    ("+ unified batches", "unified", True, False),
-    ("+ delayed verification (async host)", "unified", False, False),
-    ("+ KV offload to host", "unified", False, True),
+ROWS = [  # label, draft method, scheduler, sync_host, host pool
+    ("naive (phased, sync, recompute)", "pillar", "phased", True, False),
+    ("+ unified batches", "pillar", "unified", True, False),
+    ("+ delayed verification (async host)", "pillar", "unified", False, False),
+    ("+ KV offload to host", "pillar", "unified", False, True),
+    ("vanilla decoding (same engine, async, offload)", "none", "unified", False, True),
 ]
 # Accepted-draft counts 0..8 measured on SmolLM2 (pillar, k=8, T=0.6; bench/results/acceptance_h200.json).
 DEFAULT_REPLAY = (0.08, 0.05, 0.05, 0.05, 0.06, 0.07, 0.08, 0.10, 0.46)
@@ -41,7 +42,7 @@ SMALL = ModelConfig(arch="qwen3", vocab_size=4096, hidden_size=128, intermediate
                     max_position_embeddings=8192)
 
 
-def run_row(cfg, params, tokenizer, args, scheduler: str, sync_host: bool, offload: bool) -> dict:
+def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host: bool, offload: bool) -> dict:
     window = args.warmup + args.steps
     pool = args.batch * (args.context + args.headroom)
     need = args.batch * (args.context + window + args.k + 1)
@@ -50,7 +51,8 @@ def run_row(cfg, params, tokenizer, args, scheduler: str, sync_host: bool, offlo
                           max_num_batched_tokens=args.batch * (args.k + 1), min_batch_bucket=16,
                           min_context_bucket=args.context, scheduler=scheduler, sync_host=sync_host,
                           host_kv_tokens=need if offload else 0)
-    spec = SpecConfig(method="pillar", k=args.k, min_budget=args.min_budget, replay_acceptance=args.replay)
+    spec = SpecConfig(method=method, k=args.k, min_budget=args.min_budget,
+                      replay_acceptance=args.replay if method != "none" else None)
     engine = Engine(cfg, params, tokenizer, config, spec)
     # Output lengths spread over the window, so requests finish, free pages and evicted ones come back.
     place_at_context(engine, args.batch, args.context, 1 << 20, seed=1, reserve=0)
@@ -72,18 +74,22 @@ def run_row(cfg, params, tokenizer, args, scheduler: str, sync_host: bool, offlo
     requests = [*scheduler.running, *scheduler.waiting, *scheduler.offloaded]
     verifies = sum(r.stats.verifies for r in requests)
     accepted = sum(r.stats.accepted_tokens for r in requests)
-    return {"tokens_per_s": emitted / wall, "host_ms": float(np.mean([s.host_ms for s in steps])),
+    result = {"tokens_per_s": emitted / wall, "host_ms": float(np.mean([s.host_ms for s in steps])),
             "wait_ms": float(np.mean([s.wait_ms for s in steps])), "step_ms": 1e3 * wall / len(steps),
             "steps_timed": len(steps),
             "tokens_per_step": float(np.mean([s.tokens for s in steps])),
             "accepted_per_verify": accepted / verifies if verifies else 0.0,
             "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
             "restores": engine.num_restores, "peak_host_kv_tokens": engine.host_kv.peak_tokens}
+    del engine, scheduler, requests
+    gc.collect()                  # the engine holds reference cycles: free its KV pool before the next row
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", default="systems_ablation")
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="row indices to run (default: all)")
     parser.add_argument("--model", default="qwen3-1.7b-shaped", choices=["qwen3-1.7b-shaped", "small"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attention-backend", default="auto")
@@ -93,31 +99,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--min-budget", type=int, default=128)
-    parser.add_argument("--headroom", type=int, default=96, help="tokens each request may grow before eviction")
+    parser.add_argument("--headroom", type=int, default=32, help="tokens each request may grow before eviction")
     parser.add_argument("--replay", type=float, nargs="*", default=DEFAULT_REPLAY)
     args = parser.parse_args()
     cfg = QWEN3_1_7B if args.model == "qwen3-1.7b-shaped" else SMALL
     params = random_params(cfg, seed=0, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-    tokenizer = load_model(DEFAULT_MODEL).tokenizer
+    tokenizer = placeholder_tokenizer()
     header = ["configuration", "tok/s", "x naive", "host ms/step", "waiting ms/step", "step ms", "tokens/step",
               "accepted/verify", "preempt", "offload", "restore"]
     rows, results = [], []
-    for label, scheduler, sync_host, offload in ROWS:
-        result = run_row(cfg, params, tokenizer, args, scheduler, sync_host, offload)
+    device = device_description()
+    for index, (label, method, scheduler, sync_host, offload) in enumerate(ROWS):
+        if args.only is not None and index not in args.only:
+            continue
+        result = run_row(cfg, params, tokenizer, args, method, scheduler, sync_host, offload)
         results.append({"configuration": label, **result})
-        base = results[0]["tokens_per_s"]
+        base = results[0]["tokens_per_s"]                        # the first row run
         rows.append([label, f"{result['tokens_per_s']:.0f}", f"{result['tokens_per_s'] / base:.2f}",
                      f"{result['host_ms']:.2f}", f"{result['wait_ms']:.2f}", f"{result['step_ms']:.2f}",
                      f"{result['tokens_per_step']:.0f}", f"{result['accepted_per_verify']:.2f}",
                      result["preemptions"], result["offloads"], result["restores"]])
         print(rows[-1], flush=True)
-    device = device_description()
-    markdown = (f"# Systems ablation — {device}, {today()}\n\n"
-                f"Model {args.model} ({args.dtype}, random weights), pillar k={args.k}, batch {args.batch} placed at "
-                f"{args.context} tokens, {args.warmup} warm-up + {args.steps} timed steps per row, device pool "
-                f"batch x (context + {args.headroom}) tokens. Verify outcomes REPLAYED from {args.replay} "
-                f"(accepted 0..k), not computed. Script: bench/systems_ablation.py.\n\n" + markdown_table(header, rows))
-    write_result(args.name, {"device": device, "date": today(), "args": vars(args), "rows": results}, markdown)
+        markdown = (f"# Systems ablation — {device}, {today()}\n\n"
+                    f"Model {args.model} ({args.dtype}, random weights), pillar k={args.k}, batch {args.batch} placed "
+                    f"at {args.context} tokens, {args.warmup} warm-up + {args.steps} timed steps per row, device "
+                    f"pool batch x (context + {args.headroom}) tokens. Verify outcomes REPLAYED from {args.replay} "
+                    f"(accepted 0..k), not computed. Script: bench/systems_ablation.py.\n\n"
+                    + markdown_table(header, rows))
+        write_result(args.name, {"device": device, "date": today(), "args": vars(args), "rows": results}, markdown)
     print(markdown)
 
 

@@ -95,7 +95,7 @@ def derive_seed(default_seed: int, request_index: int) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingArrays:
-    """Per-row sampling parameters as device arrays; padding rows are greedy with seed 0."""
+    """Per-row sampling parameters (host arrays until a jitted step takes them); padding rows are greedy, seed 0."""
 
     temperature: jax.Array      # f32[R], 0 = greedy
     top_p: jax.Array            # f32[R], 1 = off
@@ -119,7 +119,7 @@ class SamplingArrays:
             if not _is_int(s) or not 0 <= s < SEED_LIMIT:
                 raise SamplingError(f"seeds[{i}]: must be an integer in [0, 2**32), got {s!r}")
             temperature[i], top_p[i], top_k[i], seed[i] = p.temperature, p.top_p, max(p.top_k, 0), s
-        return cls(jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(top_k), jnp.asarray(seed))
+        return cls(temperature, top_p, top_k, seed)        # host arrays: they travel with the jitted call
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], num_rows: int, default_seed: int,

@@ -147,14 +147,12 @@ def build_unified_batch(rows: list[ScheduledRow], limits: BucketLimits, width: i
     token_of: dict[int, int] = {}
 
     def place(row: ScheduledRow, at: int) -> None:
-        request = row.request
-        pos = np.arange(row.start, row.start + row.num_tokens, dtype=np.int32)
-        pages = np.asarray(request.pages, np.int32)
-        host, window = _input_tokens(row, width)
-        tokens[at:at + row.num_tokens] = host
-        window_index[at:at + row.num_tokens] = window
-        positions[at:at + row.num_tokens] = pos
-        write_slots[at:at + row.num_tokens] = pages[pos // ps] * ps + pos % ps
+        pages = row.request.pages
+        end = at + row.num_tokens
+        tokens[at:end], window_index[at:end] = _input_tokens(row, width)
+        pos = range(row.start, row.start + row.num_tokens)
+        positions[at:end] = pos
+        write_slots[at:end] = [pages[p // ps] * ps + p % ps for p in pos]
         token_of[id(row)] = at
 
     def page_table(row: ScheduledRow, out: np.ndarray) -> None:
