@@ -38,12 +38,17 @@ class AttentionMetadata:
     max_q_len: int = dataclasses.field(metadata=dict(static=True))
 
 
+def check_backend_name(name: str) -> None:
+    """Reject unknown backend names without starting any device (jax.distributed must come first)."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
+
+
 def resolve_backend(name: str) -> str:
     """Map a user choice ("auto" included) to a concrete backend name."""
+    check_backend_name(name)
     if name == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "reference"
-    if name not in BACKENDS:
-        raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
     return name
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsespec_jax.attention import paged_attention, resolve_backend
+from sparsespec_jax.attention import check_backend_name, paged_attention, resolve_backend
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
@@ -60,7 +60,7 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_batch_size:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_batch_size ({self.max_batch_size}) so every running request can decode")
-        resolve_backend(self.attention_backend)
+        check_backend_name(self.attention_backend)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("kv",))
