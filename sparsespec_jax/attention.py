@@ -2,22 +2,34 @@
 
 Backends: "reference" (pure jnp, runs anywhere) and "pallas" (the Pallas kernels in pallas_kernels/, Triton
 lowering on GPU; interpreted on CPU, which is how CI checks them). "auto" picks pallas on GPU, reference
-elsewhere. Both compute the same functions; kernels sit beside their references.
+elsewhere. Both compute the same functions; kernels sit beside their references. Every function here is
+per head, so under tensor parallelism (sharding.py) each device runs it on its own heads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference
 from pallas_kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_reference
 from pallas_kernels.topk_select import topk_select, topk_select_reference
+from sparsespec_jax.sharding import TP_AXIS, mesh_of, per_device_heads
 
 BACKENDS = ("reference", "pallas")
+
+# Under tensor parallelism every attention-shaped call runs per device on its own heads (shard_map): Pallas
+# kernels are opaque to the partitioner, and the references' head-indexed gathers would make it gather
+# operands across devices. Operand layouts: heads on axis 1, pools [L, Hkv, slots, D], the rest whole.
+HEADS = P(None, TP_AXIS, None)          # q, out [N, Hq, D]; slot lists [R, Hkv, B]; scores [R, H, S]
+HEADS_2D = P(None, TP_AXIS)             # lse [N, Hq]
+POOL = P(None, TP_AXIS, None, None)
+WHOLE = P()
 
 
 @jax.tree_util.register_dataclass
@@ -60,35 +72,45 @@ def _interpret() -> bool:
 def paged_attention(backend: str, q, k_pool, v_pool, layer, meta: AttentionMetadata):
     """Full causal attention of every row's queries over its paged context: (out [N, Hq, D], lse [N, Hq])."""
     args = (q, k_pool, v_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
+    static = dict(page_size=meta.page_size, max_q_len=meta.max_q_len)
     if backend == "pallas":
-        return ragged_paged_attention(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
-                                      interpret=_interpret())
-    return ragged_paged_attention_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
+        kernel = functools.partial(ragged_paged_attention, **static, interpret=_interpret())
+    else:
+        kernel = functools.partial(ragged_paged_attention_reference, **static)
+    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL) + (WHOLE,) * 5, (HEADS, HEADS_2D))(*args)
 
 
 def sparse_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count):
     """One query per row attending to its listed token slots: (out [R, Hq, D], lse [R, Hq])."""
     if backend == "pallas":
-        return sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, interpret=_interpret())
-    return sparse_decode_attention_reference(q, k_pool, v_pool, layer, slot_ids, count)
+        kernel = functools.partial(sparse_decode_attention, interpret=_interpret())
+    else:
+        kernel = sparse_decode_attention_reference
+    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL, WHOLE, HEADS, WHOLE),
+                            (HEADS, HEADS_2D))(q, k_pool, v_pool, layer, slot_ids, count)
 
 
 def pillar_scores(backend: str, q, k_pool, layer, meta: AttentionMetadata, lse):
     """PillarAttn scores of a verify pass: mean rematerialized probability per (row, KV head, key position),
     from the pass's queries and LSE, re-reading K only: f32 [R, Hkv, P * page_size]."""
     args = (q, k_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables, lse)
+    static = dict(page_size=meta.page_size, max_q_len=meta.max_q_len)
     if backend == "pallas":
-        return pillar_scores_paged(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
-                                   interpret=_interpret())
-    return pillar_scores_paged_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
+        kernel = functools.partial(pillar_scores_paged, **static, interpret=_interpret())
+    else:
+        kernel = functools.partial(pillar_scores_paged_reference, **static)
+    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL) + (WHOLE,) * 5 + (HEADS_2D,), HEADS)(*args)
 
 
 def top_k_positions(backend: str, scores, k, max_k: int):
     """The k[r] best positions of every (row, head) of scores [R, H, S], ascending, ties to the lower position:
-    (indices int32 [R, H, max_k], count int32 [R])."""
+    (indices int32 [R, H, max_k], count int32 [R]). Under tensor parallelism the head axis is split into
+    contiguous per-device blocks, like the KV-head axis (callers keep each device's heads together)."""
     if backend == "pallas":
-        return topk_select(scores, k, max_k=max_k, interpret=_interpret())
-    return topk_select_reference(scores, k, max_k=max_k)
+        kernel = functools.partial(topk_select, max_k=max_k, interpret=_interpret())
+    else:
+        kernel = functools.partial(topk_select_reference, max_k=max_k)
+    return per_device_heads(kernel, mesh_of(scores), (HEADS, WHOLE), (HEADS, WHOLE))(scores, k)
 
 
 def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, meta: AttentionMetadata):

@@ -35,6 +35,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec-k", type=int, default=8, help="drafts verified per round")
     parser.add_argument("--budget-ratio", type=float, default=0.05, help="PillarAttn budget, fraction of context")
     parser.add_argument("--min-budget", type=int, default=128, help="PillarAttn budget floor in tokens")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel: devices each engine's heads split over")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +132,7 @@ def make_llm(args):
     return LLM(args.model or DEFAULT_MODEL, dtype=args.dtype, max_batch_size=args.max_batch_size,
                kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_model_len=args.max_model_len,
                max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
-               attention_backend=args.attention_backend, seed=args.engine_seed, spec=spec)
+               attention_backend=args.attention_backend, seed=args.engine_seed, tensor_parallel=args.tp, spec=spec)
 
 
 def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from sparsespec_jax.model import Transformer
 from sparsespec_jax.request import Request
 from sparsespec_jax.sampling import SamplingArrays, SamplingParams, sample_tokens
 from sparsespec_jax.scheduler import ScheduledRow, Scheduler
+from sparsespec_jax.sharding import create_on_mesh, make_mesh, place_params
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets
 from sparsespec_jax.spec.ngram import propose_ngram
@@ -45,13 +46,13 @@ class EngineConfig:
     attention_backend: str = "auto"
     seed: int = 0
     min_context_bucket: int = 512             # narrowest page table compiled (tokens): fewer compiles vs work
-
+    tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_size", "kv_cache_tokens", "page_size", "max_num_batched_tokens",
-                     "prefill_chunk_size", "min_context_bucket"):
+                     "prefill_chunk_size", "min_context_bucket", "tensor_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -109,17 +110,19 @@ class Engine:
                                    min_pages=-(-config.min_context_bucket // config.page_size))
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
 
-        model = Transformer(cfg, params, dtype)
+        self.mesh = make_mesh(cfg, config.tensor_parallel)
+        model = Transformer(cfg, place_params(cfg, params, self.mesh, dtype), dtype)
         self.graphdef, self.state = nnx.split(model)
-        self.kv = KVCache.create(cfg, num_pages, config.page_size, dtype)
+        self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_num_batched_tokens,
                                    config.prefill_chunk_size, decode_lookahead=lookahead,
                                    on_release=self._release_draft_slot)
         if spec.speculative:
             # One spare slot past the batch absorbs padding rows' writes.
-            self.draft_sets = DraftSets.create(config.max_batch_size + 1, cfg.num_layers, cfg.num_kv_heads,
-                                               spec.max_budget(self.max_model_len) + spec.k)
+            self.draft_sets = create_on_mesh(
+                lambda: DraftSets.create(config.max_batch_size + 1, cfg.num_layers, cfg.num_kv_heads,
+                                         spec.max_budget(self.max_model_len) + spec.k), self.mesh)
             self._free_draft_slots = list(range(config.max_batch_size - 1, -1, -1))
 
         self._num_requests = 0

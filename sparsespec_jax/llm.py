@@ -10,6 +10,7 @@ from sparsespec_jax.engine import Engine, EngineConfig, RequestError
 from sparsespec_jax.loading import DEFAULT_MODEL, load_model
 from sparsespec_jax.request import Request, RequestOutput
 from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.sharding import check_tensor_parallel
 from sparsespec_jax.spec.config import SpecConfig
 
 
@@ -21,16 +22,17 @@ class LLM:
                  max_batch_size: int = 16, kv_cache_tokens: int = 16384, page_size: int = 16,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  prefill_chunk_size: int = 128, attention_backend: str = "auto", seed: int = 0,
-                 spec: SpecConfig | None = None):
+                 tensor_parallel: int = 1, spec: SpecConfig | None = None):
         config = EngineConfig(dtype=dtype, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens,
                               page_size=page_size, max_model_len=max_model_len,
                               max_num_batched_tokens=max_num_batched_tokens or max(256, max_batch_size),
                               prefill_chunk_size=prefill_chunk_size, attention_backend=attention_backend,
-                              seed=seed)
+                              seed=seed, tensor_parallel=tensor_parallel)
         started = time.perf_counter()
         loaded = load_model(model)
         self.load_seconds = time.perf_counter() - started
         self.model_name = str(model)
+        check_tensor_parallel(loaded.config, tensor_parallel, self.model_name)
         self.tokenizer = loaded.tokenizer
         self.engine = Engine(loaded.config, loaded.params, loaded.tokenizer, config, spec or SpecConfig())
 
