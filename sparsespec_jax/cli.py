@@ -202,7 +202,11 @@ def run_batch(args) -> int:
             first_line.setdefault(_best_id(line, number), number)
     share = None
     if args.distributed:
-        share = join_processes(args.coordinator, args.num_processes, args.process_id)
+        try:
+            share = join_processes(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as err:
+            raise JobError(f"--distributed: {err} (outside Cloud TPU, SLURM and Open MPI give --coordinator, "
+                           "--num-processes and --process-id)") from err
         if share.process_id == 0:
             read_done_ids(args.output)                       # drops a torn last line before anyone reads
             merge_part_files(args.output, first_line)        # what an interrupted run left behind

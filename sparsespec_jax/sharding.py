@@ -105,9 +105,11 @@ def place_params(cfg: ModelConfig, params: Mapping[str, Any], mesh: Mesh, dtype)
     placed = {}
     for name, value in params.items():
         host = np.asarray(value)
-        sharding = NamedSharding(mesh, specs[name])
-        placed[name] = jax.make_array_from_callback(host.shape, sharding,
-                                                    lambda index, host=host: host[index].astype(dtype))
+
+        def shard(index, host=host):
+            return host[index].astype(dtype, copy=False)
+
+        placed[name] = jax.make_array_from_callback(host.shape, NamedSharding(mesh, specs[name]), shard)
     return placed
 
 

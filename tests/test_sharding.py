@@ -50,8 +50,9 @@ def test_params_arrive_shard_by_shard_in_the_engine_dtype():
                                       params["layers.wq"][shard.index].astype(jnp.bfloat16).astype(np.float32))
     assert {s.data.shape for s in placed["layers.w_down"].addressable_shards} == {(2, 12, 32)}
     assert {s.data.shape for s in placed["final_norm"].addressable_shards} == {(32,)}
+    truncated = {**params, "layers.wq": params["layers.wq"][:, :, :8]}
     with pytest.raises(ConfigError, match="layers.wq"):
-        place_params(BIASED, {**params, "layers.wq": params["layers.wq"][:, :, :8]}, make_mesh(BIASED, 2), jnp.float32)
+        place_params(BIASED, truncated, make_mesh(BIASED, 2), jnp.float32)
 
 
 def test_cache_and_draft_sets_are_created_split_over_kv_heads():
@@ -98,8 +99,8 @@ def attention_passes(backend, meta, q, k_pool, v_pool, layer, slot_ids, count):
         return (out, lse) + sparse + (pillar_scores(backend, q, k_pool, layer, meta, lse),)
 
 
-@pytest.mark.parametrize("backend", ["reference", "pallas"])
-def test_attention_on_each_devices_heads_equals_attention_on_one_device(backend):
+def test_pallas_attention_on_each_devices_heads_equals_reference_attention_on_one_device():
+    """The Pallas kernels under shard_map (engines on CPU run the references, so only this runs them split)."""
     page_size = 8
     batch = make_paged_batch(7, [5, 1, 3], [29, 17, 5], num_q_heads=8, num_kv_heads=4, head_dim=16,
                              page_size=page_size)
@@ -111,7 +112,7 @@ def test_attention_on_each_devices_heads_equals_attention_on_one_device(backend)
     q, k_pool, v_pool, layer = batch["q"], batch["k_pool"], batch["v_pool"], batch["layer"]
     expected = attention_passes("reference", meta, q, k_pool, v_pool, layer, slot_ids, count)
     mesh = make_mesh(BIASED, 2)
-    split = attention_passes(backend, meta, on_mesh(mesh, q, None, TP_AXIS), on_mesh(mesh, k_pool, None, TP_AXIS),
+    split = attention_passes("pallas", meta, on_mesh(mesh, q, None, TP_AXIS), on_mesh(mesh, k_pool, None, TP_AXIS),
                              on_mesh(mesh, v_pool, None, TP_AXIS), layer, on_mesh(mesh, slot_ids, None, TP_AXIS),
                              count)
     assert {s.data.shape for s in split[0].addressable_shards} == {(q.shape[0], 4, 16)}    # heads stay put
@@ -122,6 +123,7 @@ def test_attention_on_each_devices_heads_equals_attention_on_one_device(backend)
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
 def test_pillar_selection_split_over_kv_heads_is_the_same_selection(backend):
+    """Top-K over layers x heads split 4 ways picks exactly what one device picks."""
     layers, rows, heads, keys = 3, 2, 4, 40
     scores = jnp.asarray(np.random.default_rng(9).random((layers, rows, heads, keys)), jnp.float32)
     kv_len, recent = jnp.asarray([40, 23], jnp.int32), jnp.asarray([3, 1], jnp.int32)
