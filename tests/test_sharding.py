@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +29,14 @@ BIASED = ModelConfig(arch="qwen2", vocab_size=98, hidden_size=32, intermediate_s
 
 def test_columns_then_rows_per_layer_vocabulary_split_norms_replicated():
     specs = param_partition_specs(BIASED, 2)
-    heads, rows = P(None, None, TP_AXIS), P(None, TP_AXIS, None)
-    assert {name: specs[name] for name in ("layers.wq", "layers.wk", "layers.wv", "layers.w_gate", "layers.w_up")} \
-        == dict.fromkeys(("layers.wq", "layers.wk", "layers.wv", "layers.w_gate", "layers.w_up"), heads)
-    assert specs["layers.wo"] == specs["layers.w_down"] == rows
+    columns = P(None, None, TP_AXIS)
+    assert {specs[name] for name in ("layers.wq", "layers.wk", "layers.wv", "layers.w_gate", "layers.w_up")} == {columns}
+    assert specs["layers.wo"] == specs["layers.w_down"] == P(None, TP_AXIS, None)
     assert specs["layers.bq"] == specs["layers.bk"] == specs["layers.bv"] == P(None, TP_AXIS)
     assert specs["embed"] == P(TP_AXIS, None) and specs["lm_head"] == P(None, TP_AXIS)
     assert specs["layers.attn_norm"] == specs["layers.mlp_norm"] == specs["final_norm"] == P()
     uneven = param_partition_specs(BIASED, 4)          # 98 vocabulary rows: replicated rather than refused
-    assert uneven["embed"] == uneven["lm_head"] == P() and uneven["layers.wq"] == heads
+    assert uneven["embed"] == uneven["lm_head"] == P() and uneven["layers.wq"] == columns
 
 
 def test_params_arrive_shard_by_shard_in_the_engine_dtype():
@@ -100,7 +100,8 @@ def attention_passes(backend, meta, q, k_pool, v_pool, layer, slot_ids, count):
 
 
 def test_pallas_attention_on_each_devices_heads_equals_reference_attention_on_one_device():
-    """The Pallas kernels under shard_map (engines on CPU run the references, so only this runs them split)."""
+    """The Pallas kernels under shard_map, each device on its own heads with nothing exchanged (engines on CPU
+    run the references, so only this runs the kernels split)."""
     page_size = 8
     batch = make_paged_batch(7, [5, 1, 3], [29, 17, 5], num_q_heads=8, num_kv_heads=4, head_dim=16,
                              page_size=page_size)
@@ -112,9 +113,11 @@ def test_pallas_attention_on_each_devices_heads_equals_reference_attention_on_on
     q, k_pool, v_pool, layer = batch["q"], batch["k_pool"], batch["v_pool"], batch["layer"]
     expected = attention_passes("reference", meta, q, k_pool, v_pool, layer, slot_ids, count)
     mesh = make_mesh(BIASED, 2)
-    split = attention_passes("pallas", meta, on_mesh(mesh, q, None, TP_AXIS), on_mesh(mesh, k_pool, None, TP_AXIS),
-                             on_mesh(mesh, v_pool, None, TP_AXIS), layer, on_mesh(mesh, slot_ids, None, TP_AXIS),
-                             count)
+    args = (meta, on_mesh(mesh, q, None, TP_AXIS), on_mesh(mesh, k_pool, None, TP_AXIS),
+            on_mesh(mesh, v_pool, None, TP_AXIS), layer, on_mesh(mesh, slot_ids, None, TP_AXIS), count)
+    compiled = attention_passes.lower("pallas", *args).compile()
+    assert not re.search(r"all-gather|all-to-all|all-reduce|collective-permute", compiled.as_text())
+    split = compiled(*args)
     assert {s.data.shape for s in split[0].addressable_shards} == {(q.shape[0], 4, 16)}    # heads stay put
     for got, want in zip(split, expected):
         assert not np.isnan(np.asarray(got)).any()
@@ -123,15 +126,18 @@ def test_pallas_attention_on_each_devices_heads_equals_reference_attention_on_on
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
 def test_pillar_selection_split_over_kv_heads_is_the_same_selection(backend):
-    """Top-K over layers x heads split 4 ways picks exactly what one device picks."""
+    """Top-K over layers x heads split 4 ways picks exactly what one device picks, without any collective."""
     layers, rows, heads, keys = 3, 2, 4, 40
     scores = jnp.asarray(np.random.default_rng(9).random((layers, rows, heads, keys)), jnp.float32)
     kv_len, recent = jnp.asarray([40, 23], jnp.int32), jnp.asarray([3, 1], jnp.int32)
     spec = SpecConfig(method="pillar", k=2, min_budget=6, budget_ratio=0.1)
     expected = jax.jit(functools.partial(pillar_refresh, spec=spec, capacity=10, backend="reference"))(
         scores, kv_len, recent)
+    split_scores = on_mesh(make_mesh(BIASED, 4), scores, None, None, TP_AXIS)
     refresh = jax.jit(functools.partial(pillar_refresh, spec=spec, capacity=10, backend=backend))
-    positions, count = refresh(on_mesh(make_mesh(BIASED, 4), scores, None, None, TP_AXIS), kv_len, recent)
+    compiled = refresh.lower(split_scores, kv_len, recent).compile()
+    assert not re.search(r"all-gather|all-to-all|all-reduce|collective-permute", compiled.as_text())
+    positions, count = compiled(split_scores, kv_len, recent)
     np.testing.assert_array_equal(np.asarray(positions), np.asarray(expected[0]))
     np.testing.assert_array_equal(np.asarray(count), np.asarray(expected[1]))
     assert {s.data.shape for s in positions.addressable_shards} == {(rows, layers, 1, 10)}

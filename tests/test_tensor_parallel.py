@@ -44,7 +44,8 @@ def tiny_params():
 
 
 def assert_heads_split(engine: Engine, tensor_parallel: int) -> None:
-    """Each device holds its share of the KV heads (pool and draft sets) and of the query projection only."""
+    """Each device holds its share of the KV heads (pool and draft sets) and of the query projection only;
+    checked after generating, so the steps' outputs kept the layout they were given."""
     cfg = engine.model_config
     pool_heads = {shard.data.shape[1] for shard in engine.kv.k.addressable_shards}
     assert len(engine.kv.k.addressable_shards) == tensor_parallel
@@ -64,8 +65,9 @@ def run_tiny(params, tokenizer, tensor_parallel: int, method: str) -> list[list[
                                  prefill_chunk_size=16, max_num_batched_tokens=16, min_context_bucket=64,
                                  tensor_parallel=tensor_parallel),
                     SpecConfig(method=method, k=3, min_budget=8, budget_ratio=0.1))
+    outputs = generate(engine, [[17], [101], [230]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert_heads_split(engine, tensor_parallel)
-    return generate(engine, [[17], [101], [230]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    return outputs
 
 
 @pytest.mark.slow
@@ -85,8 +87,8 @@ def test_smollm2_on_three_devices_generates_what_one_device_does(make_engine, sm
     split = {}
     for method in ("none", "pillar"):
         engine = make_engine(method, tensor_parallel=3, **SMOLLM2_ENGINE)
-        assert_heads_split(engine, 3)
         split[method] = generate(engine, prompts, GREEDY)
+        assert_heads_split(engine, 3)
     assert split == dict.fromkeys(split, expected)
 
 
