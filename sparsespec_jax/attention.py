@@ -3,17 +3,19 @@
 Backends: "reference" (pure jnp, runs anywhere), "pallas" (the Pallas GPU kernels in pallas_kernels/, Triton
 lowering on GPU; interpreted on CPU, which is how CI checks them) and "pallas-tpu" (the Pallas TPU kernels,
 Mosaic lowering on a Cloud TPU; run by the TPU interpreter elsewhere). "auto" picks pallas on GPU, pallas-tpu
-on TPU, reference elsewhere. All compute the same functions; kernels sit beside their references.
+on TPU, reference elsewhere. All compute the same functions; kernels sit beside their references. Every
+function here is per head, so under tensor parallelism (sharding.py) each device runs it on its own heads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
-
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.paged_attention import (
     ragged_paged_attention, ragged_paged_attention_reference, ragged_paged_attention_tpu)
@@ -23,8 +25,17 @@ from pallas_kernels.sparse_attention import (
 from pallas_kernels.topk_select import topk_select, topk_select_reference, topk_select_tpu
 from pallas_kernels.unified_attention import unified_attention as unified_attention_kernel
 from pallas_kernels.unified_attention import unified_attention_reference
+from sparsespec_jax.sharding import TP_AXIS, mesh_of, per_device_heads
 
 BACKENDS = ("reference", "pallas", "pallas-tpu")
+
+# Under tensor parallelism every attention-shaped call runs per device on its own heads (shard_map): Pallas
+# kernels are opaque to the partitioner, and the references' head-indexed gathers would make it gather
+# operands across devices. Operand layouts: heads on axis 1, pools [L, Hkv, slots, D], the rest whole.
+HEADS = P(None, TP_AXIS, None)          # q, out [N, Hq, D]; slot lists [R, Hkv, B]; scores [R, H, S]
+HEADS_2D = P(None, TP_AXIS)             # lse [N, Hq]
+POOL = P(None, TP_AXIS, None, None)
+WHOLE = P()
 
 
 @jax.tree_util.register_dataclass
@@ -45,12 +56,17 @@ class AttentionMetadata:
     max_q_len: int = dataclasses.field(metadata=dict(static=True))
 
 
+def check_backend_name(name: str) -> None:
+    """Reject unknown backend names without starting any device (jax.distributed must come first)."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
+
+
 def resolve_backend(name: str) -> str:
     """Map a user choice ("auto" included) to a concrete backend name."""
+    check_backend_name(name)
     if name == "auto":
         return {"gpu": "pallas", "tpu": "pallas-tpu"}.get(jax.default_backend(), "reference")
-    if name not in BACKENDS:
-        raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {('auto',) + BACKENDS}")
     return name
 
 
@@ -62,48 +78,45 @@ def _interpret(backend: str = "pallas"):
     return jax.default_backend() != "gpu"
 
 
+def _kernel(backend: str, gpu, tpu, reference, **static):
+    """The backend's implementation of one dispatch function, with its static arguments bound."""
+    if backend == "pallas":
+        return functools.partial(gpu, **static, interpret=_interpret())
+    if backend == "pallas-tpu":
+        return functools.partial(tpu, **static, interpret=_interpret(backend))
+    return functools.partial(reference, **static)
+
+
 def paged_attention(backend: str, q, k_pool, v_pool, layer, meta: AttentionMetadata):
     """Full causal attention of every row's queries over its paged context: (out [N, Hq, D], lse [N, Hq])."""
     args = (q, k_pool, v_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
-    if backend == "pallas":
-        return ragged_paged_attention(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
-                                      interpret=_interpret())
-    if backend == "pallas-tpu":
-        return ragged_paged_attention_tpu(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
-                                          interpret=_interpret(backend))
-    return ragged_paged_attention_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
+    kernel = _kernel(backend, ragged_paged_attention, ragged_paged_attention_tpu, ragged_paged_attention_reference,
+                     page_size=meta.page_size, max_q_len=meta.max_q_len)
+    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL) + (WHOLE,) * 5, (HEADS, HEADS_2D))(*args)
 
 
 def sparse_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count):
     """One query per row attending to its listed token slots: (out [R, Hq, D], lse [R, Hq])."""
-    if backend == "pallas":
-        return sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, interpret=_interpret())
-    if backend == "pallas-tpu":
-        return sparse_decode_attention_tpu(q, k_pool, v_pool, layer, slot_ids, count, interpret=_interpret(backend))
-    return sparse_decode_attention_reference(q, k_pool, v_pool, layer, slot_ids, count)
+    kernel = _kernel(backend, sparse_decode_attention, sparse_decode_attention_tpu, sparse_decode_attention_reference)
+    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL, WHOLE, HEADS, WHOLE),
+                            (HEADS, HEADS_2D))(q, k_pool, v_pool, layer, slot_ids, count)
 
 
 def pillar_scores(backend: str, q, k_pool, layer, meta: AttentionMetadata, lse):
     """PillarAttn scores of a verify pass: mean rematerialized probability per (row, KV head, key position),
     from the pass's queries and LSE, re-reading K only: f32 [R, Hkv, P * page_size]."""
     args = (q, k_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables, lse)
-    if backend == "pallas":
-        return pillar_scores_paged(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
-                                   interpret=_interpret())
-    if backend == "pallas-tpu":
-        return pillar_scores_paged_tpu(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
-                                       interpret=_interpret(backend))
-    return pillar_scores_paged_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
+    kernel = _kernel(backend, pillar_scores_paged, pillar_scores_paged_tpu, pillar_scores_paged_reference,
+                     page_size=meta.page_size, max_q_len=meta.max_q_len)
+    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL) + (WHOLE,) * 5 + (HEADS_2D,), HEADS)(*args)
 
 
 def top_k_positions(backend: str, scores, k, max_k: int):
     """The k[r] best positions of every (row, head) of scores [R, H, S], ascending, ties to the lower position:
-    (indices int32 [R, H, max_k], count int32 [R])."""
-    if backend == "pallas":
-        return topk_select(scores, k, max_k=max_k, interpret=_interpret())
-    if backend == "pallas-tpu":
-        return topk_select_tpu(scores, k, max_k=max_k, interpret=_interpret(backend))
-    return topk_select_reference(scores, k, max_k=max_k)
+    (indices int32 [R, H, max_k], count int32 [R]). Under tensor parallelism the head axis is split into
+    contiguous per-device blocks, like the KV-head axis (callers keep each device's heads together)."""
+    kernel = _kernel(backend, topk_select, topk_select_tpu, topk_select_reference, max_k=max_k)
+    return per_device_heads(kernel, mesh_of(scores), (HEADS, WHOLE), (HEADS, WHOLE))(scores, k)
 
 
 def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, meta: AttentionMetadata):
@@ -111,13 +124,16 @@ def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, m
     (one token each, attending to their listed slots), the remaining tokens belong to the ragged full-attention
     rows of `meta` (verify, prefill and dense draft rows; meta.q_start counts from the first of them).
     Returns (out [N, Hq, D], lse [N, Hq])."""
-    args = (q, k_pool, v_pool, layer, slot_ids, count, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
-    if backend == "pallas":   # one launch for both row kinds
-        return unified_attention_kernel(*args, page_size=meta.page_size, max_q_len=meta.max_q_len,
-                                        interpret=_interpret())
     if backend == "pallas-tpu":   # two launches: the draft rows, then the full-attention rows
         num_drafts = slot_ids.shape[0]
         draft_out, draft_lse = sparse_attention(backend, q[:num_drafts], k_pool, v_pool, layer, slot_ids, count)
         full_out, full_lse = paged_attention(backend, q[num_drafts:], k_pool, v_pool, layer, meta)
         return jnp.concatenate([draft_out, full_out]), jnp.concatenate([draft_lse, full_lse])
-    return unified_attention_reference(*args, page_size=meta.page_size, max_q_len=meta.max_q_len)
+    args = (q, k_pool, v_pool, layer, slot_ids, count, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
+    static = dict(page_size=meta.page_size, max_q_len=meta.max_q_len)
+    if backend == "pallas":       # one launch for both row kinds
+        kernel = functools.partial(unified_attention_kernel, **static, interpret=_interpret())
+    else:
+        kernel = functools.partial(unified_attention_reference, **static)
+    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL, WHOLE, HEADS) + (WHOLE,) * 5,
+                            (HEADS, HEADS_2D))(*args)

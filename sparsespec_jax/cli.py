@@ -42,6 +42,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-kv-tokens", type=int, default=65536,
                         help="host memory pool for offloaded KV, in tokens (0: preempt and recompute instead)")
     parser.add_argument("--profile", type=Path, default=None, help="write per-step metrics (JSONL) here")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel: devices each engine's heads split over")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", type=Path, help="JSONL results (required with --input; rerun to resume)")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     gen.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    multi = gen.add_argument_group("multi-process batch (data parallel over --input lines)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="initialise jax.distributed; this process serves its share of the lines")
+    multi.add_argument("--coordinator", help="host:port of process 0 (detected on Cloud TPU, SLURM, Open MPI)")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
     add_engine_flags(gen)
     add_sampling_flags(gen)
 
@@ -138,7 +145,7 @@ def make_llm(args):
     return LLM(args.model or DEFAULT_MODEL, dtype=args.dtype, max_batch_size=args.max_batch_size,
                kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_model_len=args.max_model_len,
                max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
-               attention_backend=args.attention_backend, seed=args.engine_seed, spec=spec,
+               attention_backend=args.attention_backend, seed=args.engine_seed, tensor_parallel=args.tp, spec=spec,
                scheduler=args.scheduler, sync_host=args.sync, host_kv_tokens=args.host_kv_tokens)
 
 
@@ -204,15 +211,34 @@ def run_single(args) -> int:
 
 
 def run_batch(args) -> int:
+    from sparsespec_jax.multihost import barrier, join_processes, merge_part_files
+
     if args.output is None:
         raise JobError("--output is required with --input")
     if not args.input.is_file():
         raise JobError(f"--input: {args.input} is not a readable file")
+    lines = args.input.read_text(encoding="utf-8").splitlines()
+    first_line = {}
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            first_line.setdefault(_best_id(line, number), number)
+    share = None
+    if args.distributed:
+        try:
+            share = join_processes(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as err:
+            raise JobError(f"--distributed: {err} (outside Cloud TPU, SLURM and Open MPI give --coordinator, "
+                           "--num-processes and --process-id)") from err
+        if share.process_id == 0:
+            read_done_ids(args.output)                       # drops a torn last line before anyone reads
+            merge_part_files(args.output, first_line)        # what an interrupted run left behind
+        barrier("sparsespec generate: output ready")
     done = read_done_ids(args.output)
     jobs, error_records, seen = [], [], set(done)
-    for number, line in enumerate(args.input.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        owned = share is None or share.owns(number - 1)
         try:
             request_id, prompt, overrides = parse_request_line(line, number)
             if request_id in seen:
@@ -220,10 +246,11 @@ def run_batch(args) -> int:
                     continue
                 raise ValueError(f"duplicate id {request_id!r}")
             seen.add(request_id)
-            jobs.append((request_id, prompt, sampling_from_args(args, overrides), number))
+            if owned:
+                jobs.append((request_id, prompt, sampling_from_args(args, overrides), number))
         except ValueError as err:
             request_id = _best_id(line, number)
-            if request_id not in done:
+            if owned and request_id not in done:
                 error_records.append({"id": request_id, "line": number, "error": f"{args.input}:{number}: {err}"})
 
     llm = make_llm(args)
@@ -236,7 +263,8 @@ def run_batch(args) -> int:
             error_records.append({"id": request_id, "line": number, "error": f"{args.input}:{number}: {err}"})
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("a", encoding="utf-8") as sink:
+    results = args.output if share is None else share.part_file(args.output)
+    with results.open("a", encoding="utf-8") as sink:
         for record in error_records:
             sink.write(json.dumps(record) + "\n")
         sink.flush()
@@ -254,6 +282,11 @@ def run_batch(args) -> int:
     summary = summarize(outputs, time.perf_counter() - started, llm, len(error_records))
     write_profile(args, llm)
     summary["skipped_done"] = len(done)
+    if share is not None:
+        barrier("sparsespec generate: parts written")
+        if share.process_id == 0:
+            merge_part_files(args.output, first_line)
+        summary.update(process_id=share.process_id, num_processes=share.num_processes)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -288,12 +321,22 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def check_distributed_flags(args) -> None:
+    given = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                                      ("--process-id", args.process_id)) if value is not None]
+    if given and not args.distributed:
+        raise JobError(f"{', '.join(given)} need(s) --distributed")
+    if args.distributed and args.input is None:
+        raise JobError("--distributed splits a batch: give --input and --output")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     enable_compilation_cache()
     try:
         if args.command == "convert":
             return run_convert(args)
+        check_distributed_flags(args)
         return run_batch(args) if args.input is not None else run_single(args)
     except (JobError, ValueError, FileNotFoundError) as err:
         print(f"sparsespec: error: {err}", file=sys.stderr)

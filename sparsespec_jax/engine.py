@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsespec_jax.attention import resolve_backend
+from sparsespec_jax.attention import check_backend_name, resolve_backend
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
@@ -28,6 +28,7 @@ from sparsespec_jax.model import Transformer
 from sparsespec_jax.request import Request, RequestStatus
 from sparsespec_jax.sampling import SamplingArrays, SamplingParams
 from sparsespec_jax.scheduler import SCHEDULER_MODES, CyclePolicy, RowKind, ScheduledRow, Scheduler
+from sparsespec_jax.sharding import create_on_mesh, make_mesh, place_params
 from sparsespec_jax.slot_state import SlotState
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets
@@ -59,12 +60,13 @@ class EngineConfig:
     scheduler: str = "unified"                # "phased": every request verifies on the same step
     sync_host: bool = False                   # read each step's results before planning the next
     host_kv_tokens: int = 65536               # host memory pool for offloaded KV (0: preempt and recompute)
+    tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_size", "kv_cache_tokens", "page_size", "max_num_batched_tokens",
-                     "prefill_chunk_size", "min_context_bucket", "min_batch_bucket"):
+                     "prefill_chunk_size", "min_context_bucket", "min_batch_bucket", "tensor_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -77,7 +79,7 @@ class EngineConfig:
                              f"max_batch_size ({self.max_batch_size}) so every running request can decode")
         if self.scheduler not in SCHEDULER_MODES:
             raise ValueError(f"scheduler: must be one of {SCHEDULER_MODES}, got {self.scheduler!r}")
-        resolve_backend(self.attention_backend)
+        check_backend_name(self.attention_backend)
 
 
 @functools.partial(jax.jit, donate_argnames=("sets",))
@@ -121,16 +123,21 @@ class Engine:
                                    min_rows=config.min_batch_bucket)
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
 
-        model = Transformer(cfg, params, dtype)
+        self.mesh = make_mesh(cfg, config.tensor_parallel)
+        model = Transformer(cfg, place_params(cfg, params, self.mesh, dtype), dtype)
         self.graphdef, self.state = nnx.split(model)
-        self.kv = KVCache.create(cfg, num_pages, config.page_size, dtype)
+        self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.width = k + 1
-        sets = None
-        if spec.drafts_with_model:
-            sets = DraftSets.create(config.max_batch_size + 1, cfg.num_layers, cfg.num_kv_heads,
-                                    spec.max_budget(self.max_model_len) + spec.k)
-        self.slot_state = SlotState.create(config.max_batch_size + 1, k, cfg.vocab_size, sets)
+        capacity = spec.max_budget(self.max_model_len) + spec.k
+
+        def slot_state() -> SlotState:
+            sets = None
+            if spec.drafts_with_model:
+                sets = DraftSets.create(config.max_batch_size + 1, cfg.num_layers, cfg.num_kv_heads, capacity)
+            return SlotState.create(config.max_batch_size + 1, k, cfg.vocab_size, sets)
+
+        self.slot_state = create_on_mesh(slot_state, self.mesh)
         self.host_kv = HostKVPool(config.host_kv_tokens, config.page_size)
         policy = CyclePolicy(k=k, drafts_with_model=spec.drafts_with_model, mode=config.scheduler,
                              stall_steps=0 if config.sync_host else 1,

@@ -10,6 +10,7 @@ from sparsespec_jax.engine import Engine, EngineConfig, RequestError
 from sparsespec_jax.loading import DEFAULT_MODEL, load_model
 from sparsespec_jax.request import Request, RequestOutput
 from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.sharding import check_tensor_parallel
 from sparsespec_jax.spec.config import SpecConfig
 
 
@@ -22,7 +23,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  prefill_chunk_size: int = 128, attention_backend: str = "auto", seed: int = 0,
                  spec: SpecConfig | None = None, scheduler: str = "unified", sync_host: bool = False,
-                 host_kv_tokens: int = 65536):
+                 host_kv_tokens: int = 65536, tensor_parallel: int = 1):
         spec = spec or SpecConfig()
         # Room for every slot to verify in the same step (phased scheduling needs it; unified rarely does).
         rows_tokens = max_batch_size * (spec.k + 1 if spec.speculative else 1)
@@ -30,11 +31,13 @@ class LLM:
                               page_size=page_size, max_model_len=max_model_len,
                               max_num_batched_tokens=max_num_batched_tokens or max(256, rows_tokens),
                               prefill_chunk_size=prefill_chunk_size, attention_backend=attention_backend,
-                              seed=seed, scheduler=scheduler, sync_host=sync_host, host_kv_tokens=host_kv_tokens)
+                              seed=seed, scheduler=scheduler, sync_host=sync_host, host_kv_tokens=host_kv_tokens,
+                              tensor_parallel=tensor_parallel)
         started = time.perf_counter()
         loaded = load_model(model)
         self.load_seconds = time.perf_counter() - started
         self.model_name = str(model)
+        check_tensor_parallel(loaded.config, tensor_parallel, self.model_name)
         self.tokenizer = loaded.tokenizer
         self.engine = Engine(loaded.config, loaded.params, loaded.tokenizer, config, spec)
 

@@ -17,6 +17,7 @@ from flax import nnx
 from sparsespec_jax.config import ModelConfig, param_shapes, validate_params
 from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.rope import apply_rope, inverse_frequencies
+from sparsespec_jax.sharding import gathered_logits, mesh_of
 
 LAYER_PREFIX = "layers."
 
@@ -103,7 +104,8 @@ class Transformer(nnx.Module):
         """Vocabulary logits in float32 for hidden states [..., D]."""
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         with self.matmul_precision():
-            return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+            logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+        return gathered_logits(logits, mesh_of(head))
 
 
 def random_params(cfg: ModelConfig, seed: int, dtype=jnp.bfloat16) -> dict[str, jax.Array]:

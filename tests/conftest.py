@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from sparsespec_jax.engine import Engine, EngineConfig
-from sparsespec_jax.spec.config import SpecConfig
+# Four host CPU devices, so tensor-parallel tests can build meshes; XLA reads this when jax first starts, so it
+# must be set before anything imports jax. Single-device code still runs on device 0 alone.
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}".strip()
+
+import pytest  # noqa: E402
+
+from sparsespec_jax.engine import Engine, EngineConfig  # noqa: E402
+from sparsespec_jax.spec.config import SpecConfig  # noqa: E402
 
 FACTS_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 

@@ -34,9 +34,9 @@ def workload(tokenizer):
     rng = np.random.default_rng(7)
     prompts, params = [], []
     for i in range(NUM_REQUESTS):
-        start = int(rng.integers(0, len(words) - 30))
-        prompts.append(tokenizer.encode(" ".join(words[start:start + int(rng.integers(3, 30))])))
-        params.append(SamplingParams(temperature=0, max_tokens=int(rng.integers(4, 25)), ignore_eos=True))
+        start = int(rng.integers(0, len(words) - 24))
+        prompts.append(tokenizer.encode(" ".join(words[start:start + int(rng.integers(3, 24))])))
+        params.append(SamplingParams(temperature=0, max_tokens=int(rng.integers(4, 18)), ignore_eos=True))
     return prompts, params
 
 
