@@ -53,7 +53,7 @@ def assert_heads_split(engine: Engine, tensor_parallel: int) -> None:
     wq_columns = {shard.data.shape[2] for shard in engine.state["layers"]["wq"][...].addressable_shards}
     assert wq_columns == {cfg.num_heads * cfg.head_dim // tensor_parallel}
     if engine.spec.drafts_with_model:
-        assert {s.data.shape[2] for s in engine.draft_sets.positions.addressable_shards} == pool_heads
+        assert {s.data.shape[2] for s in engine.slot_state.sets.positions.addressable_shards} == pool_heads
 
 
 def run_tiny(params, tokenizer, tensor_parallel: int, method: str) -> list[list[int]]:
