@@ -34,6 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.paged_attention.reference import row_query_tokens
 from pallas_kernels.paged_attention.triton_kernel import choose_kv_splits, merge_kv_splits
+from pallas_kernels.pool_checks import check_queries_against_pool
 
 LANES = 128                # vreg lane count: last-dim tile of every TPU generation
 SUBLANES = 8               # vreg sublane count for 32-bit values
@@ -220,16 +221,8 @@ def ragged_paged_attention_tpu(q, k_pool, v_pool, layer, q_start, q_len, kv_len,
     `pltpu.InterpretParams` to run the TPU interpreter elsewhere.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    if k_pool.ndim != 4:
-        raise ValueError(f"k_pool must be [layers, kv_heads, slots, head_dim], got shape {k_pool.shape}")
-    _, num_kv_heads, _, pool_head_dim = k_pool.shape
+    num_kv_heads = check_queries_against_pool(q, k_pool, v_pool)
     num_rows, num_pages = page_tables.shape
-    if v_pool.shape != k_pool.shape:
-        raise ValueError(f"v_pool shape {v_pool.shape} differs from k_pool shape {k_pool.shape}")
-    if pool_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} differs from the pool's head_dim {pool_head_dim}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of pool KV heads ({num_kv_heads})")
     check_head_dim(head_dim)
     if max_q_len < 1 or page_size < 1:
         raise ValueError(f"max_q_len ({max_q_len}) and page_size ({page_size}) must be >= 1")

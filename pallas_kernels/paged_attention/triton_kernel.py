@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_attention.reference import row_query_tokens
+from pallas_kernels.pool_checks import check_queries_against_pool
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -149,16 +150,8 @@ def ragged_paged_attention(q, k_pool, v_pool, layer, q_start, q_len, kv_len, pag
     tiles (verify, prefill), longer steps for decode tiles, and splits only when rows are too few.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    if k_pool.ndim != 4:
-        raise ValueError(f"k_pool must be [layers, kv_heads, slots, head_dim], got shape {k_pool.shape}")
-    _, num_kv_heads, _, pool_head_dim = k_pool.shape
+    num_kv_heads = check_queries_against_pool(q, k_pool, v_pool)
     num_rows, num_pages = page_tables.shape
-    if v_pool.shape != k_pool.shape:
-        raise ValueError(f"v_pool shape {v_pool.shape} differs from k_pool shape {k_pool.shape}")
-    if pool_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} differs from the pool's head_dim {pool_head_dim}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of pool KV heads ({num_kv_heads})")
     if head_dim < MIN_DOT_ROWS or head_dim != next_power_of_2(head_dim):
         raise ValueError(f"head_dim {head_dim} must be a power of 2 >= {MIN_DOT_ROWS} for the Triton kernel")
     if max_q_len < 1 or page_size < 1:

@@ -24,6 +24,7 @@ from pallas_kernels.paged_attention.tpu_kernel import (
     LANES, MAX_TILE_ROWS, MIN_GRID_STEPS, SUBLANES, check_head_dim, interpret_params, page_dma_block, round_up,
     token_dmas)
 from pallas_kernels.paged_attention.triton_kernel import choose_kv_splits
+from pallas_kernels.pool_checks import check_queries_against_pool
 
 MAX_RESIDENT_QUERY_BYTES = 8 * 2 ** 20   # a row's resident queries must leave VMEM room for the K blocks
 
@@ -109,14 +110,8 @@ def pillar_scores_paged_tpu(q, k_pool, layer, q_start, q_len, kv_len, page_table
     MIN_GRID_STEPS steps). interpret: False on a TPU, True or a `pltpu.InterpretParams` elsewhere.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    if k_pool.ndim != 4:
-        raise ValueError(f"k_pool must be [layers, kv_heads, slots, head_dim], got shape {k_pool.shape}")
-    _, num_kv_heads, _, pool_head_dim = k_pool.shape
+    num_kv_heads = check_queries_against_pool(q, k_pool)
     num_rows, num_pages = page_tables.shape
-    if pool_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} differs from the pool's head_dim {pool_head_dim}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of pool KV heads ({num_kv_heads})")
     check_head_dim(head_dim)
     if lse.shape != (num_tokens, num_q_heads):
         raise ValueError(f"lse has shape {lse.shape}, expected {(num_tokens, num_q_heads)} to match q")

@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_attention.triton_kernel import (
     LOG2_E, MAX_QUERY_ROWS, MIN_DOT_ROWS, choose_kv_splits, gather_page_slots, next_power_of_2)
+from pallas_kernels.pool_checks import check_queries_against_pool
 
 SCORE_PROGRAMS = 1024       # measured on an H200: two splits per (row, KV head) at batch 64 beat one
 
@@ -96,14 +97,8 @@ def pillar_scores_paged(q, k_pool, layer, q_start, q_len, kv_len, page_tables, l
                         interpret: bool = False):
     """Mean attention probability of every logical key position per (row, KV head): f32[R, Hkv, P * page_size]."""
     num_tokens, num_q_heads, head_dim = q.shape
-    if k_pool.ndim != 4:
-        raise ValueError(f"k_pool must be [layers, kv_heads, slots, head_dim], got shape {k_pool.shape}")
-    _, num_kv_heads, _, pool_head_dim = k_pool.shape
+    num_kv_heads = check_queries_against_pool(q, k_pool)
     num_rows, num_pages = page_tables.shape
-    if pool_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} differs from the pool's head_dim {pool_head_dim}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of pool KV heads ({num_kv_heads})")
     if head_dim < MIN_DOT_ROWS or head_dim != next_power_of_2(head_dim):
         raise ValueError(f"head_dim {head_dim} must be a power of 2 >= {MIN_DOT_ROWS} for the Triton kernel")
     if lse.shape != (num_tokens, num_q_heads):

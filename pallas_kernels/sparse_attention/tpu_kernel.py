@@ -23,6 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.paged_attention.tpu_kernel import (
     LANES, MIN_GRID_STEPS, check_head_dim, finish_softmax, init_softmax, interpret_params, online_softmax_step)
 from pallas_kernels.paged_attention.triton_kernel import choose_kv_splits, merge_kv_splits
+from pallas_kernels.pool_checks import check_queries_against_pool
 
 DEFAULT_BLOCK_KV = 128     # one lane-dense logits tile per block
 
@@ -91,15 +92,7 @@ def sparse_decode_attention_tpu(q, k_pool, v_pool, layer, slot_ids, count, *, sc
     `pltpu.InterpretParams` to run the TPU interpreter elsewhere.
     """
     num_rows, num_q_heads, head_dim = q.shape
-    if k_pool.ndim != 4:
-        raise ValueError(f"k_pool must be [layers, kv_heads, slots, head_dim], got shape {k_pool.shape}")
-    _, num_kv_heads, _, pool_head_dim = k_pool.shape
-    if v_pool.shape != k_pool.shape:
-        raise ValueError(f"v_pool shape {v_pool.shape} differs from k_pool shape {k_pool.shape}")
-    if pool_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} differs from the pool's head_dim {pool_head_dim}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of pool KV heads ({num_kv_heads})")
+    num_kv_heads = check_queries_against_pool(q, k_pool, v_pool)
     check_head_dim(head_dim)
     if slot_ids.ndim != 3 or slot_ids.shape[:2] != (num_rows, num_kv_heads):
         raise ValueError(f"slot_ids has shape {slot_ids.shape}, expected ({num_rows}, {num_kv_heads}, budget)")

@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.paged_attention.triton_kernel import (
     LOG2_E, MAX_QUERY_ROWS, MIN_DOT_ROWS, choose_kv_splits, finish_softmax, merge_kv_splits, next_power_of_2,
     online_softmax_update)
+from pallas_kernels.pool_checks import check_queries_against_pool
 
 SHORT_LIST_PROGRAMS = 2048  # draft lists are a few blocks long: more, shorter programs overlap their latencies
 
@@ -68,15 +69,7 @@ def sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, *, scale:
     (bench/results/kernels_h200.md).
     """
     num_rows, num_q_heads, head_dim = q.shape
-    if k_pool.ndim != 4:
-        raise ValueError(f"k_pool must be [layers, kv_heads, slots, head_dim], got shape {k_pool.shape}")
-    _, num_kv_heads, _, pool_head_dim = k_pool.shape
-    if v_pool.shape != k_pool.shape:
-        raise ValueError(f"v_pool shape {v_pool.shape} differs from k_pool shape {k_pool.shape}")
-    if pool_head_dim != head_dim:
-        raise ValueError(f"q head_dim {head_dim} differs from the pool's head_dim {pool_head_dim}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of pool KV heads ({num_kv_heads})")
+    num_kv_heads = check_queries_against_pool(q, k_pool, v_pool)
     if head_dim < MIN_DOT_ROWS or head_dim != next_power_of_2(head_dim):
         raise ValueError(f"head_dim {head_dim} must be a power of 2 >= {MIN_DOT_ROWS} for the Triton kernel")
     if slot_ids.ndim != 3 or slot_ids.shape[:2] != (num_rows, num_kv_heads):
