@@ -25,7 +25,7 @@ from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
 from sparsespec_jax.kv_offload import HostKVPool
 from sparsespec_jax.model import Transformer
-from sparsespec_jax.request import Request, RequestStatus
+from sparsespec_jax.request import Request
 from sparsespec_jax.sampling import SamplingArrays, SamplingParams
 from sparsespec_jax.scheduler import SCHEDULER_MODES, CyclePolicy, RowKind, ScheduledRow, Scheduler
 from sparsespec_jax.sharding import create_on_mesh, make_mesh, place_params
