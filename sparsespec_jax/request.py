@@ -90,6 +90,11 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_at(self, position: int) -> int:
+        """The token at `position` (< num_tokens), without building all_ids."""
+        prompt_len = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < prompt_len else self.output_ids[position - prompt_len]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

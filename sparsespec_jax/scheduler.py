@@ -75,11 +75,9 @@ class CyclePolicy:
 class Scheduler:
     def __init__(self, allocator: PageAllocator, max_batch_size: int, max_num_batched_tokens: int,
                  prefill_chunk_size: int, max_model_len: int, policy: CyclePolicy = CyclePolicy(),
-                 evict: Callable[[Request], bool] | None = None, restore: Callable[[Request], bool] | None = None,
-                 on_release: Callable[[Request], None] = lambda request: None):
+                 evict: Callable[[Request], bool] | None = None, restore: Callable[[Request], None] | None = None):
         """evict(request) -> True if it moved the request's KV to host memory (else it is preempted);
-        restore(request) -> True if it brought an offloaded request back (pages already granted);
-        on_release(request): the request gives up its pages and slot (finished, preempted or offloaded)."""
+        restore(request) writes an offloaded request's KV back into its newly granted pages."""
         if policy.mode not in SCHEDULER_MODES:
             raise ValueError(f"scheduler: must be one of {SCHEDULER_MODES}, got {policy.mode!r}")
         self.allocator = allocator
@@ -90,7 +88,6 @@ class Scheduler:
         self.policy = policy
         self.evict = evict
         self.restore = restore
-        self.on_release = on_release
         self.waiting: collections.deque[Request] = collections.deque()
         self.offloaded: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -108,7 +105,6 @@ class Scheduler:
 
     def _leave(self, request: Request) -> None:
         self.allocator.release(request.pages)
-        self.on_release(request)
         self.free_slots.append(request.slot)
         request.slot = None
         request.epoch += 1

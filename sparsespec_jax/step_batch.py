@@ -103,12 +103,12 @@ class UnifiedBatch:
 def _input_tokens(row: ScheduledRow, width: int) -> tuple[list[int], list[int]]:
     """Host tokens and window indices (-1: host) of the row's fed positions."""
     request = row.request
-    known = request.all_ids
+    known = request.num_tokens
     tokens, window = [], []
     for position in range(row.start, row.start + row.num_tokens):
         offset = position - row.cycle_start
-        if position < len(known):
-            tokens.append(known[position]); window.append(-1)
+        if position < known:
+            tokens.append(request.token_at(position)); window.append(-1)
         elif row.proposal and 1 <= offset <= len(row.proposal):
             tokens.append(row.proposal[offset - 1]); window.append(-1)
         else:
