@@ -8,9 +8,6 @@ import platform
 from pathlib import Path
 
 import jax
-import tokenizers
-
-from sparsespec_jax.tokenizer import Tokenizer
 
 DATA = Path(__file__).parent / "data" / "reasoning_prompts.jsonl"
 RESULTS = Path(__file__).parent / "results"
@@ -48,10 +45,3 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
-
-def placeholder_tokenizer() -> Tokenizer:
-    """A word-level tokenizer with a few words, for random-weight runs that never look at text (ids past its
-    vocabulary decode to nothing): benchmarks need no model files on the device."""
-    vocab = {word: i for i, word in enumerate(["<unk>", "<eos>", "the", "a", "step"])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    return Tokenizer(backend, bos_token=None, eos_token="<eos>", chat_template=None, source="placeholder")

@@ -15,24 +15,17 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from common import device_description, markdown_table, reasoning_prompts, today, write_result
 from sparsespec_jax.attention import resolve_backend
-from sparsespec_jax.config import ModelConfig
+from sparsespec_jax.benchmark.shapes import QWEN3_1_7B
+from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.engine import Engine, EngineConfig
-from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.loading import DEFAULT_MODEL, load_model
 from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
-
-QWEN3_1_7B = ModelConfig(arch="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28,
-                         num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, qk_norm=True, max_position_embeddings=40960,
-                         eos_token_ids=(151645,))
-
 
 def timed_steps(engine: Engine) -> list[float]:
     times = []
@@ -72,24 +65,6 @@ def smollm2_rows(args) -> list[list]:
                      f"{step * 1e3:.2f}", f"{batch / step:.0f}", f"{tokens / wall:.0f}", len(times)])
         print(rows[-1], flush=True)
     return rows
-
-
-def place_at_context(engine: Engine, batch: int, context: int, new_tokens: int, seed: int,
-                     reserve: int | None = None) -> None:
-    """Admit `batch` requests as if their `context`-token prompts were already prefilled (random K/V), with
-    pages for `reserve` more tokens (default: all new tokens)."""
-    rng = np.random.default_rng(seed)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    for _ in range(batch):
-        request = engine.add_request(rng.integers(0, engine.model_config.vocab_size, context).tolist(), params)
-        engine.scheduler.waiting.remove(request)
-        engine.scheduler.admit(request)
-        engine.allocator.grow(request.pages, context + (new_tokens + 1 if reserve is None else reserve))
-        request.num_computed = context - 1
-    key_k, key_v = jax.random.split(jax.random.key(seed))
-    shape, dtype = engine.kv.k.shape, engine.kv.k.dtype
-    engine.kv = KVCache(k=jax.random.normal(key_k, shape, dtype), v=jax.random.normal(key_v, shape, dtype),
-                        page_size=engine.kv.page_size)
 
 
 def qwen3_rows(args) -> list[list]:

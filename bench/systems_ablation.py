@@ -21,8 +21,9 @@ import gc
 import jax.numpy as jnp
 import numpy as np
 
-from common import device_description, markdown_table, placeholder_tokenizer, today, write_result
-from decode_throughput import QWEN3_1_7B, place_at_context
+from common import device_description, markdown_table, today, write_result
+from sparsespec_jax.benchmark.shapes import QWEN3_1_7B, placeholder_tokenizer
+from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params

@@ -13,8 +13,8 @@ import pstats
 import jax.numpy as jnp
 import numpy as np
 
-from common import placeholder_tokenizer
-from decode_throughput import place_at_context
+from sparsespec_jax.benchmark.shapes import placeholder_tokenizer
+from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
