@@ -148,6 +148,7 @@ class Engine:
                                    evict=self._offload, restore=self._restore)
         self.metrics = StepLog()
         self.num_restores = 0
+        self.acceptance_counts = np.zeros(k + 1, np.int64)   # verifies by number of drafts accepted
         self._in_flight: _InFlight | None = None
         self._waited, self._taken = 0.0, 0         # per iteration: seconds blocked on results, tokens read
         self._num_requests = 0
@@ -282,6 +283,7 @@ class Engine:
                 request.stats.verifies += 1
                 request.stats.drafted_tokens += row.num_drafts
                 request.stats.accepted_tokens += emitted - 1
+                self.acceptance_counts[emitted - 1] += 1
             for token in tokens[r, :emitted]:
                 self._taken += 1
                 if self._append_token(request, int(token), now):
