@@ -13,7 +13,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
@@ -24,7 +23,7 @@ from pallas_kernels.sparse_attention import (
     sparse_decode_attention, sparse_decode_attention_reference, sparse_decode_attention_tpu)
 from pallas_kernels.topk_select import topk_select, topk_select_reference, topk_select_tpu
 from pallas_kernels.unified_attention import unified_attention as unified_attention_kernel
-from pallas_kernels.unified_attention import unified_attention_reference
+from pallas_kernels.unified_attention import unified_attention_reference, unified_attention_tpu
 from sparsespec_jax.sharding import TP_AXIS, mesh_of, per_device_heads
 
 BACKENDS = ("reference", "pallas", "pallas-tpu")
@@ -124,16 +123,8 @@ def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, m
     (one token each, attending to their listed slots), the remaining tokens belong to the ragged full-attention
     rows of `meta` (verify, prefill and dense draft rows; meta.q_start counts from the first of them).
     Returns (out [N, Hq, D], lse [N, Hq])."""
-    if backend == "pallas-tpu":   # two launches: the draft rows, then the full-attention rows
-        num_drafts = slot_ids.shape[0]
-        draft_out, draft_lse = sparse_attention(backend, q[:num_drafts], k_pool, v_pool, layer, slot_ids, count)
-        full_out, full_lse = paged_attention(backend, q[num_drafts:], k_pool, v_pool, layer, meta)
-        return jnp.concatenate([draft_out, full_out]), jnp.concatenate([draft_lse, full_lse])
     args = (q, k_pool, v_pool, layer, slot_ids, count, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
-    static = dict(page_size=meta.page_size, max_q_len=meta.max_q_len)
-    if backend == "pallas":       # one launch for both row kinds
-        kernel = functools.partial(unified_attention_kernel, **static, interpret=_interpret())
-    else:
-        kernel = functools.partial(unified_attention_reference, **static)
+    kernel = _kernel(backend, unified_attention_kernel, unified_attention_tpu, unified_attention_reference,
+                     page_size=meta.page_size, max_q_len=meta.max_q_len)   # either kernel: one launch for both kinds
     return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL, WHOLE, HEADS) + (WHOLE,) * 5,
                             (HEADS, HEADS_2D))(*args)
