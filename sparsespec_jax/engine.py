@@ -7,7 +7,6 @@ steady state. With `sync_host` it reads each step's results before planning the 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -25,17 +24,18 @@ from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
 from sparsespec_jax.kv_offload import HostKVPool
 from sparsespec_jax.model import Transformer
+from sparsespec_jax.packed_args import pack
 from sparsespec_jax.request import Request
 from sparsespec_jax.sampling import SamplingArrays, SamplingParams
-from sparsespec_jax.scheduler import SCHEDULER_MODES, CyclePolicy, RowKind, ScheduledRow, Scheduler
+from sparsespec_jax.scheduler import SCHEDULER_MODES, CyclePolicy, RowKind, Scheduler, StepPlan
 from sparsespec_jax.sharding import create_on_mesh, make_mesh, place_params
 from sparsespec_jax.slot_state import SlotState
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets
 from sparsespec_jax.spec.ngram import propose_ngram
-from sparsespec_jax.step_batch import BucketLimits, build_unified_batch
+from sparsespec_jax.step_batch import BucketLimits, build_unified_batch, rows_array
 from sparsespec_jax.step_metrics import StepLog, StepMetrics
-from sparsespec_jax.unified_step import StepOutputs, unified_step
+from sparsespec_jax.unified_step import StepOutputs, make_step_fn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -87,11 +87,16 @@ def _write_set(sets: DraftSets, slot, positions, count) -> DraftSets:
     return DraftSets(positions=sets.positions.at[slot].set(positions), count=sets.count.at[slot].set(count))
 
 
+@functools.partial(jax.jit, donate_argnames=("window",))
+def _write_newest(window, slot, token):
+    return window.at[slot, 0].set(token)
+
+
 @dataclasses.dataclass
 class _InFlight:
     """A dispatched step whose emitted tokens the host has not read yet."""
 
-    rows: list[ScheduledRow]
+    plan: StepPlan
     outputs: StepOutputs
 
 
@@ -126,6 +131,7 @@ class Engine:
         self.mesh = make_mesh(cfg, config.tensor_parallel)
         model = Transformer(cfg, place_params(cfg, params, self.mesh, dtype), dtype)
         self.graphdef, self.state = nnx.split(model)
+        self._step_fn = make_step_fn(self.graphdef, spec, self.backend)
         self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.width = k + 1
@@ -144,8 +150,9 @@ class Engine:
                              propose=functools.partial(propose_ngram, ngram_max=spec.ngram_max,
                                                        ngram_min=spec.ngram_min))
         self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_num_batched_tokens,
-                                   config.prefill_chunk_size, self.max_model_len, policy,
+                                   config.prefill_chunk_size, self.max_model_len, self.limits.max_pages, policy,
                                    evict=self._offload, restore=self._restore)
+        self.table = self.scheduler.table
         self.metrics = StepLog()
         self.num_restores = 0
         self.acceptance_counts = np.zeros(k + 1, np.int64)   # verifies by number of drafts accepted
@@ -157,24 +164,42 @@ class Engine:
     # -- KV offload ------------------------------------------------------------------------------------
     def _offload(self, request: Request) -> bool:
         """Move a request's committed KV (and draft set) to host memory if the host pool has room."""
-        num_pages = math.ceil(request.num_computed / self.config.page_size)
+        slot = request.slot
+        num_pages = math.ceil(int(self.table.computed[slot]) / self.config.page_size)
         if not self.host_kv.fits(num_pages):
             return False
         sets = None
-        if request.has_sets:
-            sets = (self.slot_state.sets.positions[request.slot], self.slot_state.sets.count[request.slot])
-        request.offloaded_kv = self.host_kv.offload(self.kv, request.pages[:num_pages], sets)
+        if self.table.has_sets[slot]:
+            sets = (self.slot_state.sets.positions[slot], self.slot_state.sets.count[slot])
+        request.offloaded_kv = self.host_kv.offload(self.kv, self.table.pages(slot)[:num_pages].tolist(), sets)
         request.stats.offloads += 1
         return True
 
     def _restore(self, request: Request) -> None:
         record, request.offloaded_kv = request.offloaded_kv, None
-        self.kv = self.host_kv.restore(self.kv, record, request.pages)
-        if record.sets is not None:
-            state = self.slot_state
-            sets = _write_set(state.sets, request.slot, *record.sets)
-            self.slot_state = SlotState(window=state.window, draft_log_q=state.draft_log_q, sets=sets)
+        self.kv = self.host_kv.restore(self.kv, record, self.table.pages(request.slot).tolist())
+        state = self.slot_state
+        sets = state.sets if record.sets is None else _write_set(state.sets, request.slot, *record.sets)
+        window = _write_newest(state.window, request.slot, request.token_slice(request.num_tokens - 1,
+                                                                                request.num_tokens)[0])
+        self.slot_state = SlotState(window=window, draft_log_q=state.draft_log_q, sets=sets)
+        self.table.window_ready[request.slot] = True
         self.num_restores += 1
+
+    def admit_prefilled(self, prompt_ids: list[int], params: SamplingParams, reserve_tokens: int) -> Request:
+        """Admit a request whose prompt K/V already sit in its pages (all but the newest token, which the next
+        step feeds), with pages for `reserve_tokens` more. Steady-state benchmarks fill the pool themselves
+        instead of prefilling; the request then decodes like any other."""
+        request = self.add_request(prompt_ids, params)
+        self.scheduler.waiting.remove(request)
+        request.num_computed = len(prompt_ids) - 1
+        self.scheduler.admit(request)
+        self.table.grow(np.array([request.slot]), np.array([len(prompt_ids) + reserve_tokens]))
+        state = self.slot_state
+        self.slot_state = SlotState(window=_write_newest(state.window, request.slot, prompt_ids[-1]),
+                                    draft_log_q=state.draft_log_q, sets=state.sets)
+        self.table.window_ready[request.slot] = True
+        return request
 
     # -- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> None:
@@ -200,8 +225,9 @@ class Engine:
         self._num_requests += 1
         seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + index) % (1 << 32)
         detok = IncrementalDetokenizer(self.tokenizer, stop=list(params.stop), skip_special_tokens=True)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         request = Request(request_id if request_id is not None else str(index), prompt, prompt_ids, params,
-                          detok, seed)
+                          detok, seed, stop_ids)
         self.scheduler.add(request)
         return request
 
@@ -217,42 +243,40 @@ class Engine:
         self.host_kv.poll()
         if self._in_flight is not None and self.scheduler.pages_short():
             finished += self._settle()                  # evicting needs every request's state on the host
-        rows = self.scheduler.schedule()
-        if not rows:
+        plan = self.scheduler.schedule()
+        if plan is None:
             if self._in_flight is not None:
                 finished += self._settle()              # everyone waits for the step in flight
             elif self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: the KV pool cannot hold the next request")
-            self._record(started, rows)
+            self._record(started, plan)
             return finished
-        batch = build_unified_batch(rows, self.limits, self.width, self.config.max_batch_size)
-        drafts = [row for row in rows if row.kind is RowKind.DRAFT]
-        emits = [row for row in rows if row.emits]
-        outputs, self.kv, self.slot_state = unified_step(
-            self.graphdef, self.state, self.kv, self.slot_state, batch,
-            self._sampling_arrays(drafts, batch.drafts.slot.shape[0]),
-            self._sampling_arrays(emits, batch.emits.slot.shape[0]), self.spec, self.backend)
+        batch = build_unified_batch(plan, self.table, self.limits, self.width, self.config.max_batch_size)
+        buffer, layout = pack((batch,
+                               self._sampling_arrays(plan.slot[plan.kind == RowKind.DRAFT], batch.drafts.slot.shape[0]),
+                               self._sampling_arrays(plan.slot[plan.emits], batch.emits.slot.shape[0])))
+        outputs, self.kv, self.slot_state = self._step_fn(self.state, self.kv, self.slot_state, buffer, layout)
         outputs.tokens.copy_to_host_async()
         outputs.num_emitted.copy_to_host_async()
-        self.scheduler.apply(rows)
+        self.scheduler.apply(plan)
         self.num_steps += 1
-        previous, self._in_flight = self._in_flight, _InFlight(rows, outputs)
+        previous, self._in_flight = self._in_flight, _InFlight(plan, outputs)
         if previous is not None:
             finished += self._read(previous)            # step t-1 while step t runs
         if self.config.sync_host:
             finished += self._settle()
-        self._record(started, rows)
+        self._record(started, plan)
         return finished
 
-    def _record(self, started: float, rows: list[ScheduledRow]) -> None:
+    def _record(self, started: float, plan: StepPlan | None) -> None:
         elapsed = (time.perf_counter() - started) * 1e3
-        kinds = collections.Counter(row.kind for row in rows)
-        verifies = sum(row.stalls for row in rows)
+        counts = np.bincount(plan.kind, minlength=len(RowKind)) if plan is not None else np.zeros(len(RowKind))
+        verifies = int(np.count_nonzero(plan.stalls)) if plan is not None else 0
         self.metrics.add(StepMetrics(
             step=self.num_steps, host_ms=elapsed - self._waited * 1e3, wait_ms=self._waited * 1e3,
-            step_ms=elapsed, tokens=sum(row.num_tokens for row in rows), prefill_rows=kinds[RowKind.PREFILL],
-            draft_rows=kinds[RowKind.DRAFT], verify_rows=verifies, decode_rows=kinds[RowKind.VERIFY] - verifies,
-            emitted_tokens=self._taken,
+            step_ms=elapsed, tokens=int(plan.num_tokens.sum()) if plan is not None else 0,
+            prefill_rows=int(counts[RowKind.PREFILL]), draft_rows=int(counts[RowKind.DRAFT]),
+            verify_rows=verifies, decode_rows=int(counts[RowKind.VERIFY]) - verifies, emitted_tokens=self._taken,
             kv_tokens_used=(self.allocator.num_pages - 1 - self.allocator.num_free) * self.config.page_size,
             kv_tokens_offloaded=self.host_kv.used_tokens))
 
@@ -266,53 +290,62 @@ class Engine:
         waited = time.perf_counter()
         tokens, num_emitted = np.asarray(in_flight.outputs.tokens), np.asarray(in_flight.outputs.num_emitted)
         self._waited += time.perf_counter() - waited
+        plan, table = in_flight.plan, self.table
+        rows = np.flatnonzero(plan.emits)                 # emitting rows, in the order the batch lists them
+        slots = plan.slot[rows]
+        emitted = num_emitted[:len(rows)].astype(np.int64)
+        valid = plan.generation[rows] == table.generation[slots]   # else finished or evicted since: stale
+        stalled = valid & plan.stalls[rows]
+        flowing = valid & ~plan.stalls[rows]
+        table.awaiting[slots[stalled]] = False
+        table.computed[slots[stalled]] = plan.cycle_start[rows[stalled]] + emitted[stalled]
+        table.total[slots[stalled]] += emitted[stalled]
+        table.pending[slots[flowing]] -= 1
+        verified = valid & (plan.kind[rows] == RowKind.VERIFY) if self.spec.speculative else np.zeros_like(valid)
+        np.add.at(self.acceptance_counts, emitted[verified] - 1, 1)
         finished = []
         now = time.perf_counter()
-        speculative = self.spec.speculative
-        for r, row in enumerate(row for row in in_flight.rows if row.emits):
-            request = row.request
-            if request.epoch != row.epoch:
-                continue                                  # finished or evicted since: a stale result
-            emitted = int(num_emitted[r])
-            if row.stalls:
-                request.awaiting = False
-                request.num_computed = row.cycle_start + emitted
-            else:
-                request.pending -= 1
-            if row.kind is RowKind.VERIFY and speculative:
+        for i in np.flatnonzero(valid):
+            request = table.requests[slots[i]]
+            count = int(emitted[i])
+            if verified[i]:
                 request.stats.verifies += 1
-                request.stats.drafted_tokens += row.num_drafts
-                request.stats.accepted_tokens += emitted - 1
-                self.acceptance_counts[emitted - 1] += 1
-            for token in tokens[r, :emitted]:
-                self._taken += 1
-                if self._append_token(request, int(token), now):
-                    finished.append(request)
-                    break
+                request.stats.drafted_tokens += int(plan.num_drafts[rows[i]])
+                request.stats.accepted_tokens += count - 1
+            self._taken += count
+            if self._append_tokens(request, tokens[i, :count].tolist(), now):
+                finished.append(request)
         return finished
 
-    def _sampling_arrays(self, rows: list[ScheduledRow], num_rows: int) -> SamplingArrays:
-        return SamplingArrays.from_rows([row.request.params for row in rows],
-                                        [row.request.seed for row in rows], num_rows)
+    def _sampling_arrays(self, slots: np.ndarray, num_rows: int) -> SamplingArrays:
+        table = self.table
+        return SamplingArrays(temperature=rows_array(table.temperature[slots], 0, num_rows, np.float32),
+                              top_p=rows_array(table.top_p[slots], 1, num_rows, np.float32),
+                              top_k=rows_array(table.top_k[slots], 0, num_rows, np.int32),
+                              seed=rows_array(table.seed[slots], 0, num_rows, np.uint32))
 
-    def _append_token(self, request: Request, token: int, now: float) -> bool:
-        """Record a sampled token; finish the request if it hit a stop condition. Returns True if finished."""
-        params = request.params
-        request.output_ids.append(token)
+    def _append_tokens(self, request: Request, tokens: list[int], now: float) -> bool:
+        """Record sampled tokens up to the first stop condition (stop token, stop string, length); finish the
+        request if one was met. Returns True if finished."""
+        room = min(request.params.max_tokens - len(request.output_ids), self.max_model_len - request.num_tokens)
+        keep = min(len(tokens), room)
+        reason = "length" if keep == room else None
+        for i in range(keep):
+            if tokens[i] in request.stop_ids:
+                keep, reason = i + 1, "stop"
+                break
+        detokenizer = request.detokenizer
+        before = len(request.output_ids)
+        detokenizer.push(tokens[:keep])
+        if detokenizer.stopped:
+            keep, reason = detokenizer.num_tokens_to_keep - before, "stop"
+        request.output_ids.extend(tokens[:keep])
         request.stats.output_tokens = len(request.output_ids)
         if request.stats.first_token_time is None:
             request.stats.first_token_time = now
-        request.detokenizer.push([token])
-        reason = None
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"
-        elif request.detokenizer.stopped:
-            reason = "stop"
-        elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            reason = "length"
         if reason is None:
             return False
-        request.detokenizer.finish()
+        detokenizer.finish()
         request.finish_reason = reason
         request.stats.finish_time = now
         self.scheduler.finish(request)

@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsespec_jax.config import ModelConfig
 
@@ -47,36 +48,31 @@ class OutOfPagesError(RuntimeError):
 
 
 class PageAllocator:
-    """Host-side free list of KV pages; each request owns a list of pages (its page table)."""
+    """Host-side free list of KV pages, as a numpy stack so a step's pages are handed out in one slice."""
 
     def __init__(self, num_pages: int, page_size: int):
         if num_pages < 2:
             raise ValueError(f"kv cache needs at least 2 pages (1 reserved), got {num_pages}")
         self.page_size = page_size
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, PADDING_PAGE, -1))   # pop() hands out low ids first
+        self._free = np.arange(num_pages - 1, PADDING_PAGE, -1, dtype=np.int32)   # the top holds low ids
+        self._num_free = num_pages - 1
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def pages_needed(self, num_tokens: int, pages_held: int) -> int:
         return max(0, math.ceil(num_tokens / self.page_size) - pages_held)
 
-    def grow(self, pages: list[int], num_tokens: int) -> None:
-        """Extend `pages` in place so it covers `num_tokens` tokens."""
-        needed = self.pages_needed(num_tokens, len(pages))
-        if needed > len(self._free):
-            raise OutOfPagesError(f"need {needed} pages, {len(self._free)} free")
-        for _ in range(needed):
-            pages.append(self._free.pop())
+    def take(self, count: int) -> np.ndarray:
+        """`count` free pages (int32), lowest ids first."""
+        if count > self._num_free:
+            raise OutOfPagesError(f"need {count} pages, {self._num_free} free")
+        self._num_free -= count
+        return self._free[self._num_free:self._num_free + count][::-1].copy()
 
-    def shrink(self, pages: list[int], num_tokens: int) -> None:
-        """Return pages beyond what `num_tokens` tokens need (after a rollback)."""
-        keep = math.ceil(num_tokens / self.page_size)
-        while len(pages) > keep:
-            self._free.append(pages.pop())
-
-    def release(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
-        pages.clear()
+    def release(self, pages: np.ndarray) -> None:
+        count = len(pages)
+        self._free[self._num_free:self._num_free + count] = np.asarray(pages)[::-1]
+        self._num_free += count

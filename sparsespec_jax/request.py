@@ -62,26 +62,21 @@ class RequestOutput:
 class Request:
     """A prompt being generated: its tokens, how much of them the KV cache holds, and its pages."""
 
-    def __init__(self, request_id: str, prompt: str, prompt_ids: list[int], params, detokenizer, seed: int):
+    def __init__(self, request_id: str, prompt: str, prompt_ids: list[int], params, detokenizer, seed: int,
+                 stop_ids: frozenset[int] = frozenset()):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.seed = seed
+        self.stop_ids = stop_ids       # token ids that end the output (EOS unless ignored, stop_token_ids)
         self.detokenizer = detokenizer
         self.output_ids: list[int] = []
         self.status = RequestStatus.WAITING
-        self.num_computed = 0          # leading positions whose K/V are in the cache or being written
-        self.pages: list[int] = []
-        self.slot: int | None = None   # row of the device-resident slot state while running
-        self.epoch = 0                 # bumped whenever the request leaves its slot; older results are stale
-        self.pending = 0               # emitted tokens on their way to the host (sampled, not read yet)
-        self.awaiting = False          # a verify with drafts is in flight: its acceptance decides what follows
+        self.slot: int | None = None   # its entry in the slot table and the device slot state while running
+        # While running, the slot table holds these; they are parked here while the request waits or is offloaded.
+        self.num_computed = 0          # leading positions whose K/V are in the cache
         self.has_sets = False          # its draft token set exists (after the first verify)
-        self.phase: int | None = None  # step index (mod cycle length) its verifies land on
-        self.cycle_start = 0           # position of the cycle's newest committed token
-        self.cycle_drafts = 0          # drafts planned this cycle
-        self.draft_index: int | None = None   # next draft step of the current cycle; None between cycles
         self.offloaded_kv = None       # its KV in host memory while OFFLOADED
         self.finish_reason: str | None = None
         self.stats = RequestStats(prompt_tokens=len(prompt_ids), arrival_time=time.perf_counter())
@@ -90,18 +85,16 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def token_at(self, position: int) -> int:
-        """The token at `position` (< num_tokens), without building all_ids."""
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens at positions [start, stop) (stop <= num_tokens), without building all_ids."""
         prompt_len = len(self.prompt_ids)
-        return self.prompt_ids[position] if position < prompt_len else self.output_ids[position - prompt_len]
+        if stop <= prompt_len:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - prompt_len):stop - prompt_len]
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    def end_cycle(self) -> None:
-        self.draft_index = None
-        self.cycle_drafts = 0
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.detokenizer.text,

@@ -6,6 +6,9 @@ cycles through k DRAFT rows and one VERIFY row. After a verify with drafts the r
 the host has read how many tokens were accepted; everything else advances deterministically, so the host can
 plan a step before it knows the previous step's tokens.
 
+Decoding requests are planned with array operations over the slot table (slot_table.py); only prompt chunks,
+host-made drafts, first cycles, admissions and evictions take a per-request path.
+
 Unified scheduling (default) staggers requests: each request's first cycle is shortened so its verify lands in
 the least-loaded phase, which keeps about 1/(cycle length) of the batch verifying at every step and the token
 count per step flat. Phased scheduling aligns every verify to the same step (the classic sequential rounds).
@@ -22,39 +25,67 @@ import dataclasses
 import enum
 from typing import Callable, Sequence
 
-from sparsespec_jax.kv_cache import OutOfPagesError, PageAllocator
+import numpy as np
+
+from sparsespec_jax.kv_cache import PageAllocator
 from sparsespec_jax.request import Request, RequestStatus
+from sparsespec_jax.slot_table import SlotTable
 
 SCHEDULER_MODES = ("unified", "phased")
 
 
-class RowKind(enum.Enum):
-    PREFILL = "prefill"
-    DRAFT = "draft"
-    VERIFY = "verify"
+class RowKind(enum.IntEnum):
+    PREFILL = 0
+    DRAFT = 1
+    VERIFY = 2
 
 
-@dataclasses.dataclass(eq=False)
-class ScheduledRow:
-    request: Request
-    kind: RowKind
-    start: int                    # position of the first token fed
-    num_tokens: int               # tokens fed this step
-    draft_index: int = 0          # DRAFT: index of the draft this step samples
-    num_drafts: int = 0           # DRAFT / VERIFY: drafts in the row's cycle
-    cycle_start: int = 0          # DRAFT / VERIFY: position of the cycle's newest committed token
-    sparse: bool = False          # DRAFT: attends to the request's token set (else full attention)
-    refresh: bool = False         # VERIFY: renews the request's token set
-    proposal: tuple[int, ...] | None = None  # VERIFY: host-made drafts (n-gram), None for model drafts
-    emits: bool = False           # the row's sample becomes output
-    phase: int | None = None      # a first cycle's chosen verify phase (step index mod cycle length)
-    epoch: int = 0                # request.epoch when planned; results of older epochs are ignored
+@dataclasses.dataclass
+class StepPlan:
+    """One step's rows, one entry per row in every array (each slot appears at most once)."""
+
+    slot: np.ndarray              # int64 [R]
+    kind: np.ndarray              # int64 [R]: RowKind
+    start: np.ndarray             # position of the first token fed
+    num_tokens: np.ndarray        # tokens fed this step
+    draft_index: np.ndarray       # DRAFT: index of the draft this step samples
+    num_drafts: np.ndarray        # DRAFT / VERIFY: drafts in the row's cycle
+    cycle_start: np.ndarray       # DRAFT / VERIFY: position of the cycle's newest committed token
+    sparse: np.ndarray            # bool: DRAFT attending to the request's token set (else full attention)
+    refresh: np.ndarray           # bool: VERIFY renewing the request's token set
+    emits: np.ndarray             # bool: the row's sample becomes output
+    stalls: np.ndarray            # bool: the host must read the result before planning the request again
+    phase: np.ndarray             # a first cycle's chosen verify phase, else -1
+    generation: np.ndarray        # the slot's generation when planned: results of older ones are stale
+    prompt_tokens: dict[int, np.ndarray]   # slot of a PREFILL row -> its host-known input tokens
+    proposals: np.ndarray | None  # int32 [R, k]: host-made drafts of VERIFY rows (n-gram), else None
 
     @property
-    def stalls(self) -> bool:
-        """The host must read this row's result before the request can be planned again: the accepted count
-        decides what follows, and host-made drafts need every token so far."""
-        return self.kind is RowKind.VERIFY and (self.num_drafts > 0 or self.proposal is not None)
+    def num_rows(self) -> int:
+        return len(self.slot)
+
+    def count(self, kind: RowKind) -> int:
+        return int(np.count_nonzero(self.kind == kind))
+
+
+def _plan(slot, kind, start, num_tokens, *, draft_index=0, num_drafts=0, cycle_start=0, sparse=False,
+          refresh=False, emits=False, stalls=False, phase=-1, prompt_tokens=None, proposals=None) -> dict:
+    """Row arrays of one group, scalars broadcast."""
+    n = len(slot)
+    fields = dict(slot=slot, kind=kind, start=start, num_tokens=num_tokens, draft_index=draft_index,
+                  num_drafts=num_drafts, cycle_start=cycle_start, sparse=sparse, refresh=refresh, emits=emits,
+                  stalls=stalls, phase=phase)
+    dtypes = dict(sparse=bool, refresh=bool, emits=bool, stalls=bool)
+    out = {name: np.broadcast_to(np.asarray(value, dtypes.get(name, np.int64)), (n,)).copy()
+           for name, value in fields.items()}
+    out["prompt_tokens"] = prompt_tokens or {}
+    out["proposals"] = proposals
+    return out
+
+
+def _select(rows: dict, keep: np.ndarray) -> dict:
+    """The rows of a group (or plan) where `keep` holds."""
+    return {name: (value[keep] if isinstance(value, np.ndarray) else value) for name, value in rows.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,16 +102,21 @@ class CyclePolicy:
     def cycle_length(self) -> int:
         return self.k + 1 + self.stall_steps
 
+    @property
+    def host_drafts(self) -> bool:
+        return self.k > 0 and not self.drafts_with_model
+
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, max_batch_size: int, max_num_batched_tokens: int,
-                 prefill_chunk_size: int, max_model_len: int, policy: CyclePolicy = CyclePolicy(),
+                 prefill_chunk_size: int, max_model_len: int, max_pages: int, policy: CyclePolicy = CyclePolicy(),
                  evict: Callable[[Request], bool] | None = None, restore: Callable[[Request], None] | None = None):
         """evict(request) -> True if it moved the request's KV to host memory (else it is preempted);
         restore(request) writes an offloaded request's KV back into its newly granted pages."""
         if policy.mode not in SCHEDULER_MODES:
             raise ValueError(f"scheduler: must be one of {SCHEDULER_MODES}, got {policy.mode!r}")
         self.allocator = allocator
+        self.table = SlotTable(max_batch_size, max_pages, allocator)
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk_size = prefill_chunk_size
@@ -90,29 +126,30 @@ class Scheduler:
         self.restore = restore
         self.waiting: collections.deque[Request] = collections.deque()
         self.offloaded: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []
         self.free_slots = list(range(max_batch_size - 1, -1, -1))
         self.num_preemptions = 0
         self.num_offloads = 0
         self.step_index = 0
 
     # -- membership ------------------------------------------------------------------------------------
+    @property
+    def running(self) -> list[Request]:
+        """Running requests, oldest admission first."""
+        table = self.table
+        slots = np.flatnonzero(table.active)
+        return [table.requests[s] for s in slots[np.argsort(table.admitted[slots])]]
+
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.offloaded)
+        return bool(self.waiting or self.offloaded or self.table.active.any())
 
     def _leave(self, request: Request) -> None:
-        self.allocator.release(request.pages)
-        self.free_slots.append(request.slot)
+        slot = request.slot
+        self.table.vacate(slot)
+        self.free_slots.append(slot)
         request.slot = None
-        request.epoch += 1
-        request.end_cycle()
-        request.phase = None
-        request.pending = 0
-        request.awaiting = False
-        self.running.remove(request)
 
     def finish(self, request: Request) -> None:
         self._leave(request)
@@ -120,6 +157,10 @@ class Scheduler:
 
     def _evict(self, victim: Request) -> None:
         """Free a victim's pages: offload its KV to host memory if possible, else preempt it (recompute)."""
+        table = self.table
+        if table.pending[victim.slot] or table.awaiting[victim.slot]:
+            raise RuntimeError(f"request {victim.request_id} evicted with results in flight; "
+                               f"settle them first (pages_short)")
         offloaded = self.evict is not None and self.evict(victim)
         self._leave(victim)
         if offloaded:
@@ -134,133 +175,142 @@ class Scheduler:
             self.num_preemptions += 1
             self.waiting.appendleft(victim)
 
+    def _evict_newest(self) -> None:
+        table = self.table
+        slots = np.flatnonzero(table.active)
+        self._evict(table.requests[slots[np.argmax(table.admitted[slots])]])
+
     def admit(self, request: Request) -> None:
         """Give a request a slot and make it running (its pages are granted by the caller)."""
         request.slot = self.free_slots.pop()
         request.status = RequestStatus.RUNNING
-        self.running.append(request)
+        cap = min(len(request.prompt_ids) + request.params.max_tokens, self.max_model_len)
+        self.table.assign(request.slot, request, cap)
 
     # -- planning --------------------------------------------------------------------------------------
-    def _room(self, request: Request) -> int:
-        """Tokens the request may still emit given its limits and the tokens already on their way."""
-        total = request.num_tokens + request.pending
-        return min(request.params.max_tokens - len(request.output_ids) - request.pending,
-                   self.max_model_len - total)
+    def _phase_loads(self) -> np.ndarray:
+        table = self.table
+        phases = table.phase[table.active & (table.phase >= 0)]
+        return np.bincount(phases, minlength=self.policy.cycle_length)
 
-    def _phase_loads(self) -> list[int]:
-        loads = [0] * self.policy.cycle_length
-        for request in self.running:
-            if request.phase is not None:
-                loads[request.phase] += 1
-        return loads
-
-    def _first_cycle_drafts(self, limit: int, loads: list[int]) -> int:
-        """Drafts of a request's next cycle so that its verify lands in the chosen phase."""
+    def _first_cycle_drafts(self, limit: np.ndarray) -> np.ndarray:
+        """Drafts of first cycles so that each verify lands in the chosen phase."""
         length = self.policy.cycle_length
         if self.policy.mode == "phased":
-            return min(limit, (length - 1 - self.step_index) % length)
-        return min(range(limit + 1), key=lambda j: (loads[(self.step_index + j) % length], -j))
+            return np.minimum(limit, (length - 1 - self.step_index) % length)
+        loads = self._phase_loads()
+        chosen = np.empty_like(limit)
+        for i, lim in enumerate(limit):
+            j = min(range(int(lim) + 1), key=lambda j: (loads[(self.step_index + j) % length], -j))
+            loads[(self.step_index + j) % length] += 1
+            chosen[i] = j
+        return chosen
 
-    def _next_row(self, request: Request, budget: int, loads: list[int]) -> ScheduledRow | None:
-        """The request's row for this step (not yet applied), or None if it sits this step out."""
-        if request.awaiting:
-            return None
-        total = request.num_tokens + request.pending
-        if request.num_computed < total - 1:                     # prompt (or recomputed prefix) chunk
-            n = min(self.prefill_chunk_size, total - request.num_computed, budget)
-            if n <= 0:
-                return None
-            return ScheduledRow(request, RowKind.PREFILL, request.num_computed, n,
-                                emits=request.num_computed + n == total)
-        room = self._room(request)
-        if room <= 0 or budget <= 0:
-            return None
-        policy = self.policy
-        start = request.num_computed
+    def _decode_rows(self, slots: np.ndarray) -> dict:
+        """Rows of requests past their prompt (`slots`, oldest first): drafts, verifies and plain decodes."""
+        table, policy = self.table, self.policy
+        room = table.cap[slots] - table.total[slots]
+        start = table.computed[slots]
         if policy.k == 0:
-            return ScheduledRow(request, RowKind.VERIFY, start, 1, cycle_start=start, emits=True)
-        if not policy.drafts_with_model:                          # host proposals: one verify per cycle
-            proposal = ()
-            if request.pending == 0 and room > 1:
-                proposal = tuple(policy.propose(request.all_ids, min(policy.k, room - 1)))
-            if len(proposal) + 1 > budget:
-                proposal = proposal[:budget - 1]
-            return ScheduledRow(request, RowKind.VERIFY, start, len(proposal) + 1, num_drafts=len(proposal),
-                                cycle_start=start, proposal=proposal, emits=True)
-        phase = None
-        if request.draft_index is None:                          # a new cycle starts here
-            limit = min(policy.k, room - 1)
-            num_drafts = limit
-            if request.phase is None or policy.mode == "phased":
-                num_drafts = self._first_cycle_drafts(limit, loads)
-                phase = (self.step_index + num_drafts) % policy.cycle_length
-            draft_index, cycle_start = 0, start
-        else:
-            num_drafts, draft_index, cycle_start = request.cycle_drafts, request.draft_index, request.cycle_start
-        if draft_index < num_drafts:
-            return ScheduledRow(request, RowKind.DRAFT, cycle_start + draft_index, 1, draft_index=draft_index,
-                                num_drafts=num_drafts, cycle_start=cycle_start, sparse=request.has_sets,
-                                phase=phase)
-        if num_drafts + 1 > budget:
-            return None
-        return ScheduledRow(request, RowKind.VERIFY, cycle_start, num_drafts + 1, num_drafts=num_drafts,
-                            cycle_start=cycle_start, refresh=True, emits=True, phase=phase)
+            return _plan(slots, RowKind.VERIFY, start, 1, cycle_start=start, emits=True)
+        if policy.host_drafts:
+            proposals = np.zeros((len(slots), policy.k), np.int32)
+            num_drafts = np.zeros(len(slots), np.int64)
+            for i, slot in enumerate(slots):
+                if table.pending[slot] == 0 and room[i] > 1:
+                    drafts = policy.propose(table.requests[slot].all_ids, min(policy.k, int(room[i]) - 1))
+                    proposals[i, :len(drafts)], num_drafts[i] = drafts, len(drafts)
+            return _plan(slots, RowKind.VERIFY, start, num_drafts + 1, num_drafts=num_drafts, cycle_start=start,
+                         emits=True, stalls=True, proposals=proposals)
+        new = table.draft_index[slots] < 0
+        num_drafts = np.where(new, np.minimum(policy.k, room - 1), table.cycle_drafts[slots])
+        draft_index = np.where(new, 0, table.draft_index[slots])
+        cycle_start = np.where(new, start, table.cycle_start[slots])
+        phase = np.full(len(slots), -1, np.int64)
+        first = new & ((table.phase[slots] < 0) | (policy.mode == "phased"))
+        if first.any():
+            num_drafts[first] = self._first_cycle_drafts(num_drafts[first])
+            phase[first] = (self.step_index + num_drafts[first]) % policy.cycle_length
+        drafting = draft_index < num_drafts
+        kind = np.where(drafting, RowKind.DRAFT, RowKind.VERIFY)
+        return _plan(slots, kind, np.where(drafting, cycle_start + draft_index, cycle_start),
+                     np.where(drafting, 1, num_drafts + 1), draft_index=draft_index, num_drafts=num_drafts,
+                     cycle_start=cycle_start, sparse=drafting & table.has_sets[slots], refresh=~drafting,
+                     emits=~drafting,
+                     stalls=~drafting & (num_drafts > 0), phase=phase)
 
-    def _pages_for(self, row: ScheduledRow) -> int:
-        """Tokens the request's page table must cover for this row (a cycle's first row reserves the cycle)."""
-        if row.kind is RowKind.PREFILL:
-            return row.start + row.num_tokens
-        return row.cycle_start + row.num_drafts + 1
+    def _reserve_decode_pages(self, rows: dict) -> dict:
+        """Grant the decode rows' pages (a cycle's first row reserves the whole cycle), evicting the newest
+        requests while the pool is short; returns the rows that survived."""
+        table = self.table
+        target = rows["cycle_start"] + rows["num_drafts"] + 1
+        while True:
+            alive = table.active[rows["slot"]]
+            if table.pages_short_of(rows["slot"][alive], target[alive]).sum() <= self.allocator.num_free:
+                break
+            self._evict_newest()
+        rows = _select(rows, alive)
+        table.grow(rows["slot"], target[alive])
+        return rows
 
     def pages_short(self) -> bool:
         """Whether this step might need more pages than are free (so an eviction may be ahead): an upper bound
         of every running request's growth, whatever its next row turns out to be."""
-        needed = 0
-        for request in self.running:
-            prefilling = request.num_computed < request.num_tokens + request.pending - 1
-            target = request.num_computed + (self.prefill_chunk_size if prefilling else self.policy.k + 1)
-            needed += self.allocator.pages_needed(target, len(request.pages))
-        return needed > self.allocator.num_free
+        table = self.table
+        slots = np.flatnonzero(table.active)
+        prefilling = table.prefilling(slots)
+        target = table.computed[slots] + np.where(prefilling, self.prefill_chunk_size, self.policy.k + 1)
+        return int(table.pages_short_of(slots, target).sum()) > self.allocator.num_free
 
-    def schedule(self) -> list[ScheduledRow]:
-        """Plan this step's rows (call apply() once they are dispatched). Evicting needs every running
-        request's state known to the host: callers settle pending results first when pages_short()."""
-        rows: list[ScheduledRow] = []
+    def _stamp(self, rows: dict) -> dict:
+        rows["generation"] = self.table.generation[rows["slot"]]
+        return rows
+
+    def _prompt_chunk(self, request: Request, start: int, n: int) -> dict:
+        slot = request.slot
+        self.table.grow(np.array([slot]), np.array([start + n]))
+        return _plan(np.array([slot]), RowKind.PREFILL, start, n, emits=start + n == self.table.total[slot],
+                     prompt_tokens={slot: np.asarray(request.token_slice(start, start + n), np.int32)})
+
+    def schedule(self) -> StepPlan | None:
+        """Plan this step's rows (call apply() once they are dispatched); None if nothing can run. Evicting
+        needs every running request's state known to the host: callers settle pending results first when
+        pages_short()."""
+        table = self.table
+        active = np.flatnonzero(table.active & ~table.awaiting)
+        active = active[np.argsort(table.admitted[active])]
+        prefilling = table.prefilling(active)
+        decoding = active[~prefilling & (table.cap[active] > table.total[active])]
+        groups: list[dict] = []
         budget = self.max_num_batched_tokens
-        loads = self._phase_loads()
-        # Decoding requests first (verify, draft and plain decode rows), then prompt chunks, in admission order.
-        for request in sorted(self.running, key=lambda r: r.num_computed < r.num_tokens + r.pending - 1):
-            if request.status is not RequestStatus.RUNNING:
-                continue                                          # evicted earlier in this loop
-            row = self._next_row(request, budget, loads)
-            if row is None:
-                continue
-            if row.phase is not None and request.phase is None:
-                loads[row.phase] += 1
-            while True:
-                try:
-                    self.allocator.grow(request.pages, self._pages_for(row))
-                    break
-                except OutOfPagesError:
-                    victim = self.running[-1]                # the most recently admitted, maybe `request`
-                    if victim.pending or victim.awaiting:
-                        raise RuntimeError(f"request {victim.request_id} evicted with results in flight; "
-                                           f"settle them first (pages_short)")
-                    rows = [r for r in rows if r.request is not victim]
-                    self._evict(victim)
-                    if victim is request:
-                        break
-            if request.status is RequestStatus.RUNNING:
-                rows.append(row)
-                budget -= row.num_tokens
-        budget = self.max_num_batched_tokens - sum(row.num_tokens for row in rows)
+        if len(decoding):
+            rows = self._decode_rows(decoding)
+            keep = np.cumsum(rows["num_tokens"]) <= budget          # rows past the token budget wait a step
+            rows = self._reserve_decode_pages(_select(rows, keep))
+            budget -= int(rows["num_tokens"].sum())
+            groups.append(self._stamp(rows))
+        for slot in active[prefilling]:                              # prompt chunks, oldest request first
+            start = int(table.computed[slot])
+            n = min(self.prefill_chunk_size, int(table.total[slot]) - start, budget)
+            if n <= 0:
+                break
+            request = table.requests[slot]
+            if request is None:
+                continue                                             # evicted earlier in this step
+            while table.active[slot] and table.requests[slot] is request and self.allocator.num_free < \
+                    table.pages_short_of(np.array([slot]), np.array([start + n]))[0]:
+                self._evict_newest()
+            if table.requests[slot] is not request:
+                continue                                             # evicted itself
+            groups.append(self._stamp(self._prompt_chunk(request, start, n)))
+            budget -= n
         while self.offloaded and self.free_slots:
             request = self.offloaded[0]
             if self.allocator.pages_needed(request.num_computed + self.policy.k + 1, 0) > self.allocator.num_free:
                 break
             self.offloaded.popleft()
             self.admit(request)
-            self.allocator.grow(request.pages, request.num_computed)
+            table.grow(np.array([request.slot]), np.array([request.num_computed]))
             self.restore(request)
         while self.waiting and not self.offloaded and self.free_slots and budget > 0:
             request = self.waiting[0]
@@ -269,32 +319,46 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.admit(request)
-            self.allocator.grow(request.pages, n)
-            rows.append(ScheduledRow(request, RowKind.PREFILL, 0, n, emits=n == request.num_tokens))
+            groups.append(self._stamp(self._prompt_chunk(request, 0, n)))
             budget -= n
-        for row in rows:
-            row.epoch = row.request.epoch
-        return rows
+        if not groups:
+            return None
+        for group in groups:
+            if self.policy.host_drafts and group["proposals"] is None:
+                group["proposals"] = np.zeros((len(group["slot"]), self.policy.k), np.int32)
+        plan = {name: np.concatenate([g[name] for g in groups]) for name in groups[0]
+                if name not in ("prompt_tokens", "proposals")}
+        if self.policy.host_drafts:
+            plan["proposals"] = np.concatenate([g["proposals"] for g in groups])
+        prompt_tokens = {slot: tokens for g in groups for slot, tokens in g["prompt_tokens"].items()}
+        # Rows of requests evicted after they were planned (their slot's generation moved on) are dropped.
+        plan = _select(plan, plan["generation"] == table.generation[plan["slot"]])
+        if not len(plan["slot"]):
+            return None
+        proposals = plan.pop("proposals", None)
+        return StepPlan(**plan, prompt_tokens=prompt_tokens, proposals=proposals)
 
-    def apply(self, rows: list[ScheduledRow]) -> None:
+    def apply(self, plan: StepPlan) -> None:
         """Advance host-side request state for rows just dispatched."""
-        for row in rows:
-            request = row.request
-            request.stats.steps += 1
-            if row.kind is RowKind.PREFILL:
-                request.num_computed += row.num_tokens
-            elif row.kind is RowKind.DRAFT:
-                if row.draft_index == 0:
-                    request.cycle_start, request.cycle_drafts = row.cycle_start, row.num_drafts
-                request.draft_index = row.draft_index + 1
-            else:
-                request.end_cycle()
-                request.has_sets = request.has_sets or self.policy.drafts_with_model
-            if row.phase is not None:
-                request.phase = row.phase
-            if row.emits and not row.stalls:
-                request.pending += 1
-                if row.kind is RowKind.VERIFY:
-                    request.num_computed += 1
-            request.awaiting = row.stalls
+        table = self.table
+        slot, kind = plan.slot, plan.kind
+        table.steps[slot] += 1
+        prefill, draft, verify = kind == RowKind.PREFILL, kind == RowKind.DRAFT, kind == RowKind.VERIFY
+        table.computed[slot[prefill]] += plan.num_tokens[prefill]
+        opens = draft & (plan.draft_index == 0)
+        table.cycle_start[slot[opens]] = plan.cycle_start[opens]
+        table.cycle_drafts[slot[opens]] = plan.num_drafts[opens]
+        table.draft_index[slot[draft]] = plan.draft_index[draft] + 1
+        table.draft_index[slot[verify]] = -1
+        table.cycle_drafts[slot[verify]] = 0
+        if self.policy.drafts_with_model:
+            table.has_sets[slot[verify]] = True
+        chosen = plan.phase >= 0
+        table.phase[slot[chosen]] = plan.phase[chosen]
+        flowing = plan.emits & ~plan.stalls
+        table.pending[slot[flowing]] += 1
+        table.total[slot[flowing]] += 1
+        table.computed[slot[flowing & verify]] += 1
+        table.awaiting[slot] = plan.stalls
+        table.window_ready[slot[plan.emits]] = True
         self.step_index += 1

@@ -21,7 +21,8 @@ import numpy as np
 
 from sparsespec_jax.attention import AttentionMetadata
 from sparsespec_jax.kv_cache import PADDING_PAGE
-from sparsespec_jax.scheduler import RowKind, ScheduledRow
+from sparsespec_jax.scheduler import RowKind, StepPlan
+from sparsespec_jax.slot_table import SlotTable, ragged_offsets
 
 MIN_ROWS = 8
 
@@ -100,103 +101,97 @@ class UnifiedBatch:
     emits: EmitRows
 
 
-def _input_tokens(row: ScheduledRow, width: int) -> tuple[list[int], list[int]]:
-    """Host tokens and window indices (-1: host) of the row's fed positions."""
-    request = row.request
-    known = request.num_tokens
-    tokens, window = [], []
-    for position in range(row.start, row.start + row.num_tokens):
-        offset = position - row.cycle_start
-        if position < known:
-            tokens.append(request.token_at(position)); window.append(-1)
-        elif row.proposal and 1 <= offset <= len(row.proposal):
-            tokens.append(row.proposal[offset - 1]); window.append(-1)
-        else:
-            tokens.append(0); window.append(request.slot * width + offset)
-    return tokens, window
+def rows_array(values, spare: int, size: int, dtype=np.int32) -> np.ndarray:
+    """`values` padded to `size` entries with `spare`."""
+    out = np.full(size, spare, dtype)
+    out[:len(values)] = values
+    return out
 
 
-def build_unified_batch(rows: list[ScheduledRow], limits: BucketLimits, width: int, spare_slot: int) -> UnifiedBatch:
+def build_unified_batch(plan: StepPlan, table: SlotTable, limits: BucketLimits, width: int,
+                        spare_slot: int) -> UnifiedBatch:
     """width = k + 1 (1 without speculation): the window row length.
 
     Buckets are tied to keep the number of compiled shapes small: every draft row has an entry in the sparse
     group (dense ones as dead entries, their real token in the full group), the emitting rows are padded to
     the full group's row count, and without prompt chunks the full group holds exactly width tokens per row.
     """
-    draft_rows = [row for row in rows if row.kind is RowKind.DRAFT]
-    emit_rows = [row for row in rows if row.emits]
-    other_full = [row for row in rows if not row.emits and not (row.kind is RowKind.DRAFT and row.sparse)]
-    full_rows = emit_rows + other_full
-    has_chunks = any(row.kind is RowKind.PREFILL for row in full_rows)
+    kind, slot, start = plan.kind, plan.slot, plan.start
+    is_draft = kind == RowKind.DRAFT
+    draft_rows = np.flatnonzero(is_draft)
+    sparse_draft = plan.sparse[draft_rows]
+    full_rows = np.concatenate([np.flatnonzero(plan.emits), np.flatnonzero(~plan.emits & ~(is_draft & plan.sparse))])
+    has_chunks = bool((kind[full_rows] == RowKind.PREFILL).any())
 
     num_sparse = limits.rows(len(draft_rows))
     num_full = limits.rows(len(full_rows))
-    full_tokens = sum(row.num_tokens for row in full_rows)
+    q_len = plan.num_tokens[full_rows]
+    full_tokens = int(q_len.sum())
     # With prompt chunks, the query run is the chunk size and the token count at least one chunk.
     num_full_tokens = (bucket(full_tokens, limits.max_tokens, minimum=max(limits.max_q_len, num_full * width))
                        if has_chunks else num_full * width)
     max_q = max(limits.max_q_len, width) if has_chunks else width
-    num_pages = limits.pages(max((len(row.request.pages) for row in rows), default=1))
+    num_pages = limits.pages(max(int(table.num_pages[slot].max()), 1))
+    page_table = table.page_table
     ps = limits.page_size
     n = num_sparse + num_full_tokens
+
+    # Token-level view of the rows that feed tokens: live sparse draft entries, then the full rows.
+    live_sparse = draft_rows[sparse_draft]
+    fed_rows = np.concatenate([live_sparse, full_rows])
+    run, offset = ragged_offsets(plan.num_tokens[fed_rows])
+    q_start = np.cumsum(q_len) - q_len
+    flat = np.concatenate([np.flatnonzero(sparse_draft), num_sparse + q_start])[run] + offset
+    row = fed_rows[run]
+    position = start[row] + offset
+    row_slot = slot[row]
+    window_offset = position - plan.cycle_start[row]
+    decode = kind[row] != RowKind.PREFILL
 
     tokens = np.zeros(n, np.int32)
     window_index = np.full(n, -1, np.int32)
     positions = np.zeros(n, np.int32)
     write_slots = np.full(n, PADDING_PAGE * ps, np.int32)
-    token_of: dict[int, int] = {}
+    positions[flat] = position
+    write_slots[flat] = page_table[row_slot, position // ps] * ps + position % ps
+    window_index[flat[decode]] = (row_slot * width + window_offset)[decode]
+    if plan.proposals is not None:                       # host-made drafts travel as host tokens
+        host = decode & (window_offset >= 1)
+        tokens[flat[host]] = plan.proposals[row[host], window_offset[host] - 1]
+        window_index[flat[host]] = -1
+    token_of = np.full(len(slot), -1, np.int64)
+    token_of[live_sparse] = np.flatnonzero(sparse_draft)
+    token_of[full_rows] = num_sparse + q_start
+    for r in full_rows[kind[full_rows] == RowKind.PREFILL]:
+        at = token_of[r]
+        tokens[at:at + plan.num_tokens[r]] = plan.prompt_tokens[int(slot[r])]
 
-    def place(row: ScheduledRow, at: int) -> None:
-        pages = row.request.pages
-        end = at + row.num_tokens
-        tokens[at:end], window_index[at:end] = _input_tokens(row, width)
-        pos = range(row.start, row.start + row.num_tokens)
-        positions[at:end] = pos
-        write_slots[at:end] = [pages[p // ps] * ps + p % ps for p in pos]
-        token_of[id(row)] = at
+    sparse_pages = np.full((num_sparse, num_pages), PADDING_PAGE, np.int32)
+    sparse_pages[:len(draft_rows)] = np.where(sparse_draft[:, None], page_table[slot[draft_rows], :num_pages],
+                                              PADDING_PAGE)
+    sparse = SparseRows(slot=rows_array(np.where(sparse_draft, slot[draft_rows], spare_slot), spare_slot, num_sparse),
+                        cycle_start=rows_array(plan.cycle_start[draft_rows], 0, num_sparse),
+                        draft_index=rows_array(plan.draft_index[draft_rows], 0, num_sparse),
+                        page_tables=sparse_pages, live=rows_array(sparse_draft, False, num_sparse, bool))
 
-    def page_table(row: ScheduledRow, out: np.ndarray) -> None:
-        out[:len(row.request.pages)] = row.request.pages
-
-    sparse = dict(slot=np.full(num_sparse, spare_slot, np.int32), cycle_start=np.zeros(num_sparse, np.int32),
-                  draft_index=np.zeros(num_sparse, np.int32), live=np.zeros(num_sparse, bool),
-                  page_tables=np.full((num_sparse, num_pages), PADDING_PAGE, np.int32))
-    for r, row in enumerate(draft_rows):
-        if not row.sparse:
-            continue                                     # dense: attends in the full group
-        place(row, r)
-        sparse["slot"][r], sparse["cycle_start"][r] = row.request.slot, row.cycle_start
-        sparse["draft_index"][r], sparse["live"][r] = row.draft_index, True
-        page_table(row, sparse["page_tables"][r])
-
-    q_start = np.zeros(num_full, np.int32)
-    q_len = np.zeros(num_full, np.int32)
-    kv_len = np.zeros(num_full, np.int32)
     page_tables = np.full((num_full, num_pages), PADDING_PAGE, np.int32)
-    at = 0
-    for r, row in enumerate(full_rows):
-        place(row, num_sparse + at)
-        q_start[r], q_len[r], kv_len[r] = at, row.num_tokens, row.start + row.num_tokens
-        page_table(row, page_tables[r])
-        at += row.num_tokens
-    meta = AttentionMetadata(q_start=q_start, q_len=q_len, kv_len=kv_len, page_tables=page_tables,
+    page_tables[:len(full_rows)] = page_table[slot[full_rows], :num_pages]
+    meta = AttentionMetadata(q_start=rows_array(q_start, 0, num_full), q_len=rows_array(q_len, 0, num_full),
+                             kv_len=rows_array(start[full_rows] + q_len, 0, num_full), page_tables=page_tables,
                              write_slots=write_slots, page_size=ps, max_q_len=max_q)
 
-    drafts = DraftRows(token=np.zeros(num_sparse, np.int32), slot=np.full(num_sparse, spare_slot, np.int32),
-                       draft_index=np.zeros(num_sparse, np.int32), position=np.zeros(num_sparse, np.int32),
-                       cycle_start=np.zeros(num_sparse, np.int32))
-    for r, row in enumerate(draft_rows):
-        drafts.token[r], drafts.slot[r], drafts.draft_index[r] = token_of[id(row)], row.request.slot, row.draft_index
-        drafts.position[r], drafts.cycle_start[r] = row.start + 1, row.cycle_start
+    drafts = DraftRows(token=rows_array(token_of[draft_rows], 0, num_sparse),
+                       slot=rows_array(slot[draft_rows], spare_slot, num_sparse),
+                       draft_index=rows_array(plan.draft_index[draft_rows], 0, num_sparse),
+                       position=rows_array(start[draft_rows] + 1, 0, num_sparse),
+                       cycle_start=rows_array(plan.cycle_start[draft_rows], 0, num_sparse))
 
-    num_emit = num_full
-    emits = EmitRows(first_token=np.zeros(num_emit, np.int32), slot=np.full(num_emit, spare_slot, np.int32),
-                     num_drafts=np.zeros(num_emit, np.int32), position=np.zeros(num_emit, np.int32),
-                     refresh=np.zeros(num_emit, bool))
-    for r, row in enumerate(emit_rows):
-        first = row.num_tokens - 1 - row.num_drafts        # the newest committed token predicts the first new one
-        emits.first_token[r] = token_of[id(row)] + first
-        emits.slot[r], emits.num_drafts[r] = row.request.slot, row.num_drafts
-        emits.position[r], emits.refresh[r] = row.start + first + 1, row.refresh
+    emit_rows = np.flatnonzero(plan.emits)
+    first = plan.num_tokens[emit_rows] - 1 - plan.num_drafts[emit_rows]   # the newest committed token predicts
+    emits = EmitRows(first_token=rows_array(token_of[emit_rows] + first, 0, num_full),
+                     slot=rows_array(slot[emit_rows], spare_slot, num_full),
+                     num_drafts=rows_array(plan.num_drafts[emit_rows], 0, num_full),
+                     position=rows_array(start[emit_rows] + first + 1, 0, num_full),
+                     refresh=rows_array(plan.refresh[emit_rows], False, num_full, bool))
     return UnifiedBatch(tokens=tokens, window_index=window_index, positions=positions, write_slots=write_slots,
-                        sparse=SparseRows(**sparse), meta=meta, drafts=drafts, emits=emits)
+                        sparse=sparse, meta=meta, drafts=drafts, emits=emits)

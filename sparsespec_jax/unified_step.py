@@ -10,7 +10,6 @@ The host reads only the emitted tokens, one step later when it runs ahead asynch
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from sparsespec_jax.attention import (AttentionMetadata, paged_attention, pillar
                                       unified_attention)
 from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.model import Transformer
+from sparsespec_jax.packed_args import PackedLayout, unpack
 from sparsespec_jax.sampling import SamplingArrays
 from sparsespec_jax.slot_state import SlotState
 from sparsespec_jax.spec.acceptance import draft_sample, replay_acceptance, verify_drafts
@@ -87,10 +87,22 @@ def _refresh_sets(sets: DraftSets, scores, batch: UnifiedBatch, committed, num_e
     return DraftSets(positions=sets.positions.at[slot].set(positions), count=sets.count.at[slot].set(count))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "backend"), donate_argnames=("kv", "state"))
+def make_step_fn(graphdef, spec: SpecConfig, backend: str):
+    """The engine's jitted step: step_fn(params, kv, state, buffer, layout) -> (StepOutputs, kv, state), with
+    the batch and both rows' sampling arrays packed into `buffer` (packed_args.pack). The model structure, the
+    method and the backend are bound here, so no call hashes or flattens them."""
+
+    def step_fn(params, kv: KVCache, state: SlotState, buffer: jax.Array, layout: PackedLayout):
+        batch, draft_sampling, emit_sampling = unpack(buffer, layout)
+        return unified_step(graphdef, params, kv, state, batch, draft_sampling, emit_sampling, spec, backend)
+
+    return jax.jit(step_fn, static_argnames=("layout",), donate_argnames=("kv", "state"))
+
+
 def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: UnifiedBatch,
                  draft_sampling: SamplingArrays, emit_sampling: SamplingArrays, spec: SpecConfig, backend: str):
-    """Returns (StepOutputs, kv, state). Shapes (and so compilations) follow the batch's buckets."""
+    """Returns (StepOutputs, kv, state); traced inside make_step_fn's jit. Shapes (and so compilations)
+    follow the batch's buckets."""
     model: Transformer = nnx.merge(graphdef, params)
     cfg = model.cfg
     width = state.window.shape[1]

@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import generate
-from sparsespec_jax.kv_cache import PageAllocator
-from sparsespec_jax.request import Request
 from sparsespec_jax.sampling import SamplingParams
-from sparsespec_jax.scheduler import CyclePolicy, RowKind, Scheduler
 
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, counting each of the one hundred and "
         "twelve steps while the wind pressed against the narrow windows. From the top he could see the harbour, "

@@ -25,14 +25,9 @@ def place_at_context(engine: Engine, batch: int, context: int, new_tokens: int, 
     `reserve` more tokens (default: all new tokens). Default sampling: greedy, `new_tokens`, EOS ignored."""
     rng = np.random.default_rng(seed)
     params = params or SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    requests = []
-    for _ in range(batch):
-        request = engine.add_request(rng.integers(0, engine.model_config.vocab_size, context).tolist(), params)
-        engine.scheduler.waiting.remove(request)
-        engine.scheduler.admit(request)
-        engine.allocator.grow(request.pages, context + (new_tokens + 1 if reserve is None else reserve))
-        request.num_computed = context - 1
-        requests.append(request)
+    reserve = new_tokens + 1 if reserve is None else reserve
+    requests = [engine.admit_prefilled(rng.integers(0, engine.model_config.vocab_size, context).tolist(), params,
+                                       reserve) for _ in range(batch)]
     engine.kv = random_kv(engine.kv, seed)
     return requests
 
@@ -44,9 +39,13 @@ def random_kv(kv: KVCache, seed: int) -> KVCache:
 
     @functools.partial(jax.jit, out_shardings=(sharding, sharding))
     def fill(key):
+        # One layer at a time, so temporaries stay one layer large (the pool may fill most of the device).
+        def layer(key):
+            return jax.random.normal(key, shape[1:], jnp.float32).astype(dtype)
+
         key_k, key_v = jax.random.split(key)
-        return (jax.random.normal(key_k, shape, jnp.float32).astype(dtype),
-                jax.random.normal(key_v, shape, jnp.float32).astype(dtype))
+        return (jax.lax.map(layer, jax.random.split(key_k, shape[0])),
+                jax.lax.map(layer, jax.random.split(key_v, shape[0])))
 
     kv.k.delete()                                   # free the old pool before the new one exists
     kv.v.delete()
