@@ -15,7 +15,6 @@ accepting 0..k drafts, measured on the real model) — stated in the report.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
+from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
 ROWS = [  # label, draft method, scheduler, sync_host, host pool
@@ -56,13 +56,14 @@ def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host
                       replay_acceptance=args.replay if method != "none" else None)
     engine = Engine(cfg, params, tokenizer, config, spec)
     # Output lengths spread over the window, so requests finish, free pages and evicted ones come back.
-    place_at_context(engine, args.batch, args.context, 1 << 20, seed=1, reserve=0)
     rng = np.random.default_rng(2)
-    for request in engine.scheduler.running:
-        request.params = dataclasses.replace(request.params, max_tokens=int(rng.integers(window // 3, window)))
+    params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True)
+              for n in rng.integers(window // 3, window, args.batch)]
+    place_at_context(engine, args.batch, args.context, window, seed=1, reserve=0, params=params)
     for _ in range(args.warmup):
         engine.step()
     first = len(engine.metrics.steps)
+    counts_before = engine.acceptance_counts.copy()
     for _ in range(args.steps):
         engine.step()
     # Steps far slower than the median compiled a new shape: their time and tokens are left out.
@@ -71,10 +72,8 @@ def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host
     steps = [s for s in steps if s.step_ms < 3 * median]
     wall = sum(s.step_ms for s in steps) / 1e3
     emitted = sum(s.emitted_tokens for s in steps)
-    scheduler = engine.scheduler
-    requests = [*scheduler.running, *scheduler.waiting, *scheduler.offloaded]
-    verifies = sum(r.stats.verifies for r in requests)
-    accepted = sum(r.stats.accepted_tokens for r in requests)
+    counts = engine.acceptance_counts - counts_before               # verifies in the timed window
+    verifies, accepted = int(counts.sum()), int((counts * np.arange(len(counts))).sum())
     result = {"tokens_per_s": emitted / wall, "host_ms": float(np.mean([s.host_ms for s in steps])),
             "wait_ms": float(np.mean([s.wait_ms for s in steps])), "step_ms": 1e3 * wall / len(steps),
             "steps_timed": len(steps),
@@ -82,7 +81,7 @@ def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host
             "accepted_per_verify": accepted / verifies if verifies else 0.0,
             "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
             "restores": engine.num_restores, "peak_host_kv_tokens": engine.host_kv.peak_tokens}
-    del engine, scheduler, requests
+    del engine
     gc.collect()                  # the engine holds reference cycles: free its KV pool before the next row
     return result
 

@@ -26,7 +26,7 @@ from sparsespec_jax.kv_offload import HostKVPool
 from sparsespec_jax.model import Transformer
 from sparsespec_jax.packed_args import pack
 from sparsespec_jax.request import Request
-from sparsespec_jax.sampling import SamplingArrays, SamplingParams
+from sparsespec_jax.sampling import SamplingArrays, SamplingParams, truncation_cut
 from sparsespec_jax.scheduler import SCHEDULER_MODES, CyclePolicy, RowKind, Scheduler, StepPlan
 from sparsespec_jax.sharding import create_on_mesh, make_mesh, place_params
 from sparsespec_jax.slot_state import SlotState
@@ -319,10 +319,12 @@ class Engine:
 
     def _sampling_arrays(self, slots: np.ndarray, num_rows: int) -> SamplingArrays:
         table = self.table
-        return SamplingArrays(temperature=rows_array(table.temperature[slots], 0, num_rows, np.float32),
-                              top_p=rows_array(table.top_p[slots], 1, num_rows, np.float32),
-                              top_k=rows_array(table.top_k[slots], 0, num_rows, np.int32),
-                              seed=rows_array(table.seed[slots], 0, num_rows, np.uint32))
+        temperature = rows_array(table.temperature[slots], 0, num_rows, np.float32)
+        top_p = rows_array(table.top_p[slots], 1, num_rows, np.float32)
+        top_k = rows_array(table.top_k[slots], 0, num_rows, np.int32)
+        return SamplingArrays(temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=rows_array(table.seed[slots], 0, num_rows, np.uint32),
+                              cut=truncation_cut(temperature, top_k, top_p))
 
     def _append_tokens(self, request: Request, tokens: list[int], now: float) -> bool:
         """Record sampled tokens up to the first stop condition (stop token, stop string, length); finish the

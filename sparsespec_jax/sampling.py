@@ -92,6 +92,25 @@ def derive_seed(default_seed: int, request_index: int) -> int:
     return (default_seed * 1_000_003 + request_index) % SEED_LIMIT
 
 
+# How the rows of a batch may truncate their distributions (a static property of the batch, known on the host):
+# "none": no row truncates; "candidates": every truncating row has 0 < top_k <= TRUNCATION_CANDIDATES, so its
+# cut is found among the candidates; "dynamic": some row (top-p without a small top-k) may need the full-sort
+# fallback, decided on device. Only "dynamic" makes the device branch on data, and a data-dependent branch
+# makes the GPU runtime wait for the step to reach it before the host's dispatch returns.
+TRUNCATION_CUTS = ("none", "candidates", "dynamic")
+
+
+def truncation_cut(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> str:
+    """The TRUNCATION_CUTS entry covering rows with these parameters (conservative: top_k >= vocab counts as
+    truncating, the device then simply keeps everything)."""
+    truncates = (temperature > 0) & ((top_k > 0) | (top_p < 1))
+    if not truncates.any():
+        return "none"
+    if (truncates & ((top_k <= 0) | (top_k > TRUNCATION_CANDIDATES))).any():
+        return "dynamic"
+    return "candidates"
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingArrays:
@@ -101,6 +120,7 @@ class SamplingArrays:
     top_p: jax.Array            # f32[R], 1 = off
     top_k: jax.Array            # i32[R], 0 = off
     seed: jax.Array             # u32[R]
+    cut: str = dataclasses.field(default="dynamic", metadata=dict(static=True))   # TRUNCATION_CUTS
 
     @classmethod
     def from_rows(cls, params: Sequence[SamplingParams], seeds: Sequence[int], num_rows: int) -> "SamplingArrays":
@@ -119,7 +139,8 @@ class SamplingArrays:
             if not _is_int(s) or not 0 <= s < SEED_LIMIT:
                 raise SamplingError(f"seeds[{i}]: must be an integer in [0, 2**32), got {s!r}")
             temperature[i], top_p[i], top_k[i], seed[i] = p.temperature, p.top_p, max(p.top_k, 0), s
-        return cls(temperature, top_p, top_k, seed)        # host arrays: they travel with the jitted call
+        # host arrays: they travel with the jitted call
+        return cls(temperature, top_p, top_k, seed, truncation_cut(temperature, top_k, top_p))
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], num_rows: int, default_seed: int,
@@ -186,7 +207,8 @@ def _nucleus_threshold(descending: jax.Array, log_norm: jax.Array, k: jax.Array,
     return jnp.take_along_axis(descending, num_kept - 1, axis=-1), cumulative[..., -1:]
 
 
-def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, truncates: jax.Array):
+def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, truncates: jax.Array,
+                          fallback: bool):
     """Smallest scaled logit kept by top-k then top-p: [..., 1] (-inf where nothing is truncated).
 
     The cut is taken from the TRUNCATION_CANDIDATES largest values (lax.top_k) whenever they provably contain
@@ -201,7 +223,7 @@ def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
     top_k_norm = jax.nn.logsumexp(jnp.where(rank < k, candidates, -jnp.inf), axis=-1, keepdims=True)
     log_norm = jnp.where(k <= width, top_k_norm, jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
     threshold, covered = _nucleus_threshold(candidates, log_norm, k, top_p)
-    if width < vocab:
+    if width < vocab and fallback:
         certified = ~truncates | (k <= width) | ((k >= vocab) & (covered >= top_p))
 
         def with_full_sort():
@@ -214,14 +236,17 @@ def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
     return jnp.where(truncates, threshold, -jnp.inf)
 
 
-def processed_log_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def processed_log_probs(logits: jax.Array, temperature, top_k, top_p, cut: str = "dynamic") -> jax.Array:
     """Log-probs of the distribution a row samples from; -inf outside its support. Shape and axes of logits.
 
     temperature scales the logits; top-k keeps the k largest; top-p keeps the smallest set of the most probable
     remaining tokens whose (renormalised) mass reaches top_p, the top token always. Tokens tied with the last
     kept value are all kept, so the support never depends on vocabulary order. temperature 0 gives the one-hot
     of the argmax (first index on ties). Parameters are per row ([R]) and broadcast over middle axes.
+    cut (TRUNCATION_CUTS) promises how rows may truncate; "dynamic" is right for any rows.
     """
+    if cut not in TRUNCATION_CUTS:
+        raise SamplingError(f"cut: must be one of {TRUNCATION_CUTS}, got {cut!r}")
     logits = jnp.asarray(logits, jnp.float32)
     temperature = _per_row(temperature, logits, jnp.float32)
     top_k = _per_row(top_k, logits, jnp.int32)
@@ -230,9 +255,15 @@ def processed_log_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Arr
     scaled = logits / jnp.where(greedy, 1.0, jnp.maximum(temperature, MIN_TEMPERATURE))
 
     truncates = ~greedy & (((top_k > 0) & (top_k < logits.shape[-1])) | (top_p < 1))
-    threshold = jax.lax.cond(jnp.any(truncates),
-                             lambda: _truncation_threshold(scaled, top_k, top_p, truncates),
-                             lambda: jnp.full(scaled.shape[:-1] + (1,), -jnp.inf, jnp.float32))
+    no_cut = jnp.full(scaled.shape[:-1] + (1,), -jnp.inf, jnp.float32)
+    if cut == "none":
+        threshold = no_cut
+    elif cut == "candidates":
+        threshold = _truncation_threshold(scaled, top_k, top_p, truncates, fallback=False)
+    else:
+        threshold = jax.lax.cond(jnp.any(truncates),
+                                 lambda: _truncation_threshold(scaled, top_k, top_p, truncates, fallback=True),
+                                 lambda: no_cut)
     masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     log_probs = masked - jax.nn.logsumexp(masked, axis=-1, keepdims=True)
     vocab_ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
@@ -253,5 +284,5 @@ def sample_tokens(logits: jax.Array, arrays: SamplingArrays, positions: jax.Arra
         raise SamplingError(f"logits: expected [R, V], got shape {logits.shape}")
     if positions.shape != logits.shape[:1]:
         raise SamplingError(f"positions: expected shape {logits.shape[:1]}, got {positions.shape}")
-    log_probs = processed_log_probs(logits, arrays.temperature, arrays.top_k, arrays.top_p)
+    log_probs = processed_log_probs(logits, arrays.temperature, arrays.top_k, arrays.top_p, arrays.cut)
     return sample_from_log_probs(token_key(arrays.seed, positions, Stream.SAMPLE), log_probs)

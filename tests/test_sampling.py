@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from sparsespec_jax.sampling import (TRUNCATION_CANDIDATES, SamplingArrays, SamplingError, SamplingParams, Stream,
-                                     derive_seed, processed_log_probs, sample_tokens, token_key)
+                                     derive_seed, processed_log_probs, sample_tokens, token_key, truncation_cut)
 
 processed = jax.jit(processed_log_probs)
 sample = jax.jit(sample_tokens)
@@ -121,6 +121,27 @@ def test_combined_truncation_matches_reference_on_both_search_paths():
     alone = processed(jnp.asarray(logits[:1]), jnp.asarray(temperature[:1], jnp.float32),
                       jnp.asarray(top_k[:1], jnp.int32), jnp.asarray(top_p[:1], jnp.float32))
     np.testing.assert_array_equal(np.asarray(alone)[0], out[0])                       # no batch dependence
+
+
+def test_static_cuts_match_the_dynamic_path_without_branching_on_device():
+    """A batch whose truncation is known on the host ("none", "candidates") gets the same distribution with no
+    data-dependent branch in the program (a branch would make the GPU dispatch wait for the step)."""
+    rng = np.random.default_rng(4)
+    vocab = TRUNCATION_CANDIDATES + 300
+    logits = (rng.normal(size=(5, vocab)) * 3).astype(np.float32)
+    cases = {"none": (np.array([0.0, 0.7, 1.2, 0.0, 0.9]), np.array([0, 0, 0, 3, 0]), np.ones(5)),
+             "candidates": (np.array([0.7, 1.0, 0.0, 1.3, 0.8]), np.array([1, 40, 0, TRUNCATION_CANDIDATES, 7]),
+                            np.array([1.0, 0.6, 0.3, 0.9, 1.0]))}
+    for cut, (temperature, top_k, top_p) in cases.items():
+        assert truncation_cut(temperature, top_k, top_p) == cut
+        args = (jnp.asarray(logits), jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+                jnp.asarray(top_p, jnp.float32))
+        static = jax.jit(processed_log_probs, static_argnames="cut")
+        np.testing.assert_array_equal(np.asarray(static(*args, cut=cut)), np.asarray(processed(*args)))
+        assert "case" not in static.lower(*args, cut=cut).as_text()
+    assert "case" in jax.jit(processed_log_probs).lower(*args).as_text()
+    assert truncation_cut(np.array([0.6]), np.array([0]), np.array([0.95])) == "dynamic"
+    assert truncation_cut(np.array([0.6]), np.array([TRUNCATION_CANDIDATES + 1]), np.array([1.0])) == "dynamic"
 
 
 def test_temperature_zero_is_the_argmax_point_mass():

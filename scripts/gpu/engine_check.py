@@ -1,20 +1,15 @@
 """On a GPU: the engine's greedy tokens with the Pallas kernels (unified launch, running ahead, staggered
-cycles) equal vanilla decoding with the jnp references, on a random float32 model; then where a 128-row step's
-host time goes (cProfile of a short steady-state window).
+cycles) equal vanilla decoding with the jnp references, on a random float32 model.
 
   PYTHONPATH=$PWD:bench python scripts/gpu/engine_check.py
 """
 
 from __future__ import annotations
 
-import cProfile
-import pstats
-
 import jax.numpy as jnp
 import numpy as np
 
 from sparsespec_jax.benchmark.shapes import placeholder_tokenizer
-from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
@@ -45,24 +40,6 @@ def main() -> None:
     for method, fields in (("pillar", {}), ("pillar", dict(scheduler="phased", sync_host=True)), ("none", {})):
         same = sum(a == b for a, b in zip(generate(method, "pallas", **fields), expected))
         print(f"{method} {fields or 'unified async'}: {same} of {len(expected)} token streams equal vanilla/reference")
-
-    engine = Engine(MODEL, random_params(MODEL, seed=0, dtype=jnp.bfloat16), placeholder_tokenizer(),
-                    EngineConfig(dtype="bfloat16", max_batch_size=128, kv_cache_tokens=128 * 2300,
-                                 max_model_len=2300, max_num_batched_tokens=128 * 9, min_batch_bucket=16,
-                                 min_context_bucket=2300),
-                    SpecConfig(method="pillar", k=8, replay_acceptance=(0.1,) * 5 + (0.125,) * 4))
-    place_at_context(engine, 128, 2048, 200, seed=1)
-    for _ in range(40):
-        engine.step()
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(60):
-        engine.step()
-    profile.disable()
-    steps = engine.metrics.steps[-60:]
-    print(f"128 rows: host {np.median([s.host_ms for s in steps]):.2f} ms/step, "
-          f"blocked {np.median([s.wait_ms for s in steps]):.2f} ms/step")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ bytes either way), and each request is admitted with its prompt minus the newest
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +21,19 @@ from sparsespec_jax.sampling import SamplingParams
 
 
 def place_at_context(engine: Engine, batch: int, context: int, new_tokens: int, seed: int,
-                     reserve: int | None = None, params: SamplingParams | None = None) -> list[Request]:
+                     reserve: int | None = None,
+                     params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Request]:
     """Admit `batch` requests with random `context`-token prompts as already prefilled, with pages for
-    `reserve` more tokens (default: all new tokens). Default sampling: greedy, `new_tokens`, EOS ignored."""
+    `reserve` more tokens (default: all new tokens). `params`: one for all or one per request (default:
+    greedy, `new_tokens`, EOS ignored)."""
     rng = np.random.default_rng(seed)
     params = params or SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    per_request = [params] * batch if isinstance(params, SamplingParams) else list(params)
+    if len(per_request) != batch:
+        raise ValueError(f"params: got {len(per_request)} for a batch of {batch}")
     reserve = new_tokens + 1 if reserve is None else reserve
-    requests = [engine.admit_prefilled(rng.integers(0, engine.model_config.vocab_size, context).tolist(), params,
-                                       reserve) for _ in range(batch)]
+    requests = [engine.admit_prefilled(rng.integers(0, engine.model_config.vocab_size, context).tolist(), p,
+                                       reserve) for p in per_request]
     engine.kv = random_kv(engine.kv, seed)
     return requests
 

@@ -31,7 +31,7 @@ def draft_sample(draft_logits: jax.Array, arrays: SamplingArrays, positions: jax
     """
     if draft_logits.ndim != 2:
         raise SamplingError(f"draft_logits: expected [R, V], got shape {draft_logits.shape}")
-    log_probs = processed_log_probs(draft_logits, arrays.temperature, arrays.top_k, arrays.top_p)
+    log_probs = processed_log_probs(draft_logits, arrays.temperature, arrays.top_k, arrays.top_p, arrays.cut)
     keys = token_key(arrays.seed, positions, Stream.DRAFT, round_start)
     return sample_from_log_probs(keys, log_probs), log_probs
 
@@ -69,7 +69,7 @@ def verify_drafts(target_logits: jax.Array, draft_tokens: jax.Array, draft_log_p
     num_drafts = jnp.clip(num_drafts.astype(jnp.int32), 0, k)
     positions = positions.astype(jnp.int32)
 
-    target_lp = processed_log_probs(target_logits, arrays.temperature, arrays.top_k, arrays.top_p)
+    target_lp = processed_log_probs(target_logits, arrays.temperature, arrays.top_k, arrays.top_p, arrays.cut)
     if k:
         draft_index = jnp.arange(k, dtype=jnp.int32)
         p_x = jnp.take_along_axis(target_lp[:, :k], draft_tokens[..., None], axis=-1)[..., 0]
@@ -126,7 +126,7 @@ def replay_acceptance(target_logits: jax.Array, draft_tokens: jax.Array, num_dra
     drawn = jax.vmap(lambda key: jax.random.categorical(key, log_dist))(keys).astype(jnp.int32)
     num_accepted = jnp.minimum(drawn, jnp.clip(num_drafts, 0, width - 1))
     target_lp = processed_log_probs(target_logits[jnp.arange(rows), num_accepted], arrays.temperature,
-                                    arrays.top_k, arrays.top_p)
+                                    arrays.top_k, arrays.top_p, arrays.cut)
     emitted = sample_from_log_probs(token_key(arrays.seed, positions + num_accepted, Stream.SAMPLE), target_lp)
     index = jnp.arange(width, dtype=jnp.int32)[None, :]
     drafts = jnp.concatenate([draft_tokens.astype(jnp.int32), jnp.full((rows, 1), NO_TOKEN, jnp.int32)], axis=1)
