@@ -1,10 +1,12 @@
-"""`sparsespec` command line: generate (one prompt or a resumable JSONL batch) and convert checkpoints."""
+"""`sparsespec` command line: generate (one prompt or a resumable JSONL batch), convert checkpoints, and bench
+(draft methods side by side)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -78,7 +80,55 @@ def build_parser() -> argparse.ArgumentParser:
     conv = commands.add_parser("convert", help="convert a checkpoint to the fast-loading orbax format")
     conv.add_argument("src", help="registry name, .gguf file or HF directory")
     conv.add_argument("dst", type=Path, help="output directory")
+
+    bench = commands.add_parser("bench", help="throughput of vanilla, n-gram, streaming and pillar side by side",
+                                description="Every draft method on the same engine configuration and requests, in "
+                                            "one run; writes <out>/<name>.json, .md and PNG plots. Unset flags "
+                                            "take the defaults of sparsespec_jax.benchmark.e2e.BenchConfig (or of "
+                                            "the smoke run with --smoke).")
+    add_bench_flags(bench)
     return parser
+
+
+def add_bench_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of `sparsespec bench` (and bench/e2e.py); None = the BenchConfig default."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny random models, every method, both workloads: checks the harness (about a "
+                             "minute on a 2-core CPU)")
+    parser.add_argument("--workload", nargs="+", choices=["real", "shaped"], default=None, dest="workloads",
+                        help="workloads to run, in this order")
+    parser.add_argument("--methods", nargs="+", choices=["none", "ngram", "streaming", "pillar"], default=None)
+    parser.add_argument("--k", "--spec-k", type=int, default=None, dest="k", help="drafts per verify")
+    parser.add_argument("--budget-ratio", type=float, default=None)
+    parser.add_argument("--min-budget", type=int, default=None)
+    parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    real = parser.add_argument_group("real workload (a checkpoint generating for real)")
+    real.add_argument("--model", default=None, help="registry name, .gguf file, HF or converted directory")
+    real.add_argument("--real-random-shape", default=None,
+                      help="random weights of this shape (with the model's tokenizer) instead of the checkpoint's")
+    real.add_argument("--prompts", default=None, help="JSONL file, one {\"prompt\": ...} per line")
+    real.add_argument("--real-batch", nargs="+", type=int, default=None)
+    real.add_argument("--new-tokens", type=int, default=None)
+    real.add_argument("--real-dtype", choices=["float32", "bfloat16"], default=None)
+    real.add_argument("--sync-tokens", type=int, default=None, help="tokens per request of the device-time window")
+    shaped = parser.add_argument_group("shaped workload (random weights placed at a context, replayed acceptance)")
+    shaped.add_argument("--shape", default=None, help="qwen3-1.7b-shaped, qwen3-8b-shaped or tiny-shaped")
+    shaped.add_argument("--shaped-batch", nargs="+", type=int, default=None)
+    shaped.add_argument("--contexts", nargs="+", type=int, default=None)
+    shaped.add_argument("--warmup", type=int, default=None)
+    shaped.add_argument("--steps", type=int, default=None, help="timed steps per point")
+    shaped.add_argument("--sync-steps", type=int, default=None, help="steps of the device-time window")
+    shaped.add_argument("--replay", nargs="+", default=None,
+                        help="accepted-draft distribution p0,...,pk for every method, or method=p0,...,pk")
+    shaped.add_argument("--prompt-length", type=int, default=None, help="prompt of the length integration")
+    shaped.add_argument("--output-lengths", nargs="+", type=int, default=None)
+    parser.add_argument("--copy-mib", type=int, default=None, help="array size of the copy-bandwidth measurement")
+    parser.add_argument("--attention-reps", type=int, default=None)
+    parser.add_argument("--time-budget-s", type=float, default=None, help="start no new point after this")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="report directory")
+    parser.add_argument("--name", default="e2e", help="report file stem")
 
 
 def sampling_from_args(args, overrides: dict[str, Any] | None = None):
@@ -311,6 +361,39 @@ def run_convert(args) -> int:
     return EXIT_OK
 
 
+BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "attention_backend", "temperature", "seed",
+                "model", "real_random_shape", "prompts", "real_batch", "new_tokens", "real_dtype", "sync_tokens",
+                "shape", "shaped_batch", "contexts", "warmup", "steps", "sync_steps", "prompt_length",
+                "output_lengths", "copy_mib", "attention_reps", "time_budget_s")
+
+
+def run_bench(args) -> int:
+    """Run the side-by-side benchmark, write its report, print the markdown last."""
+    from sparsespec_jax.benchmark.e2e import BenchConfig, parse_replay, run_benchmark, smoke_config
+    from sparsespec_jax.benchmark.report import write_report
+
+    fields = {name: getattr(args, name) for name in BENCH_FIELDS if getattr(args, name) is not None}
+    fields.update({name: tuple(value) for name, value in fields.items() if isinstance(value, list)})
+    if args.replay is not None:
+        fields["replay"] = parse_replay(args.replay)
+    config = smoke_config(**fields) if args.smoke else BenchConfig(**fields)
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    flags = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
+
+    def save(result: dict, plots: bool = False) -> dict:
+        return write_report({**result, "args": flags}, args.out, args.name, plots=plots)
+
+    result = run_benchmark(config, command=command, log=lambda line: print(line, file=sys.stderr, flush=True),
+                           on_point=save)
+    paths = save(result, plots=True)
+    print(paths["markdown"].read_text())
+    print(f"report: {', '.join(str(path) for path in paths.values())}")
+    if result["failed"]:
+        print(f"sparsespec bench: {len(result['failed'])} point(s) failed (listed in the report)", file=sys.stderr)
+        return EXIT_REQUEST_ERRORS
+    return EXIT_OK
+
+
 def enable_compilation_cache() -> None:
     """Reuse compiled steps across runs (seconds per shape on small machines); JAX_COMPILATION_CACHE_DIR wins."""
     import jax
@@ -336,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return run_convert(args)
+        if args.command == "bench":
+            return run_bench(args)
         check_distributed_flags(args)
         return run_batch(args) if args.input is not None else run_single(args)
     except (JobError, ValueError, FileNotFoundError) as err:

@@ -1,0 +1,598 @@
+"""End-to-end throughput of the draft methods side by side in one run: the measurement behind the project's
+speed claim (`sparsespec bench`, bench/e2e.py).
+
+Every method (none = vanilla decoding, ngram, streaming, pillar) runs on the same engine configuration and the
+same requests, one after the other in one process. Two workloads:
+
+- real: a checkpoint (default the embedded SmolLM2) generates `new_tokens` per chat-templated prompt (a JSONL
+  file of {"prompt": ...} lines, reused in order when the batch is larger than the file), at `temperature`
+  with per-request seeds, EOS ignored. Output tokens/s over engine time (time spent inside Engine.step).
+  Steps slower than COMPILE_FACTOR x the median step compiled a new shape: their count and seconds are
+  reported, the steady rate counts each of them at the median step time, the end-to-end rate as they were.
+- shaped: random bf16 weights of a paper-scale shape; the batch is placed at context L with random KV (no
+  prefill), `warmup` steps run, then `steps` steps are timed (compile steps left out). Random weights accept
+  nothing meaningful, so verify outcomes are REPLAYED from a distribution over 0..k accepted drafts
+  (SpecConfig.replay_acceptance), capped by the drafts a row really has. Several contexts give tokens/s at
+  each, and the per-token time is integrated over an output's length (integrate_over_output_length).
+
+Per point, beside the throughput window: device ms/step from a short window of a second engine in sync mode
+(the host blocks on each step right after dispatching it, so that wait is the step's device time), attention
+ms/step from the attention dispatches alone at that window's composition (roofline.time_attention), GEMM/other
+= device - attention, and the bytes of a step against the copy bandwidth measured at the start of the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsespec_jax.attention import resolve_backend
+from sparsespec_jax.benchmark import roofline
+from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
+from sparsespec_jax.benchmark.steady_state import place_at_context
+from sparsespec_jax.config import ModelConfig
+from sparsespec_jax.engine import Engine, EngineConfig
+from sparsespec_jax.loading import DEFAULT_MODEL, load_model
+from sparsespec_jax.model import random_params
+from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.spec.config import SpecConfig
+
+METHODS = ("none", "ngram", "streaming", "pillar")
+WORKLOADS = ("real", "shaped")
+COMPILE_FACTOR = 3.0          # a step over this many times the median step compiled a new shape
+PAGE_SIZE = 16
+PREFILL_CHUNK = 256           # real workload: longest prompt chunk (the committed reasoning prompts fit in one)
+PREFILL_TOKENS = 2048         # real workload: token budget of a step, at least (prefill steps)
+# Probabilities of accepting 0..8 drafts: the distribution bench/systems_ablation.py replays, noted there as SmolLM2
+# pillar, k = 8, T = 0.6. Its mean is 5.75 accepted drafts per verify; bench/results/acceptance_h200.json measured
+# 5.04 for that setting (2048-token outputs), so replaying it flatters every draft method a little.
+DEFAULT_REPLAY = (0.08, 0.05, 0.05, 0.05, 0.06, 0.07, 0.08, 0.10, 0.46)
+DEFAULT_REPLAY_SOURCE = ("bench/systems_ablation.py DEFAULT_REPLAY, noted as SmolLM2-135M-Instruct pillar k=8 T=0.6; "
+                         "mean 5.75 accepted (acceptance_h200.json measured 5.04)")
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "bench" / "data" / "reasoning_prompts.jsonl"
+TINY = ModelConfig(arch="qwen3", vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, tie_word_embeddings=True,
+                   max_position_embeddings=8192)
+SHAPE_CHOICES = {**SHAPES, "tiny-shaped": TINY}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Everything one benchmark run measures; defaults are a modest accelerator run (bench/e2e.py has the H200
+    configuration, smoke_config() the CPU smoke run)."""
+
+    workloads: tuple[str, ...] = WORKLOADS           # run in this order
+    methods: tuple[str, ...] = METHODS
+    k: int = 8
+    budget_ratio: float = 0.05
+    min_budget: int = 128
+    attention_backend: str = "auto"
+    temperature: float = 0.6
+    seed: int = 0
+    # real workload
+    model: str = DEFAULT_MODEL                       # registry name or checkpoint path
+    real_random_shape: str | None = None             # random weights of this shape (the checkpoint's vocabulary)
+    prompts: str = str(DEFAULT_PROMPTS)
+    real_batch: tuple[int, ...] = (64,)
+    new_tokens: int = 256
+    real_dtype: str = "float32"
+    sync_tokens: int = 32                            # tokens per request of the real workload's sync window
+    # shaped workload
+    shape: str = "qwen3-8b-shaped"
+    shaped_batch: tuple[int, ...] = (128,)
+    contexts: tuple[int, ...] = (2048, 4096)
+    warmup: int = 20
+    steps: int = 40
+    sync_steps: int = 8
+    replay: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)   # method -> distribution
+    prompt_length: int = 128                         # length integration: the prompt the outputs start from
+    output_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    # roofline and attention timing
+    copy_mib: int = 1024
+    attention_reps: int = 5
+    time_budget_s: float | None = None               # no new point starts after this many seconds
+
+    def __post_init__(self):
+        _check_choices("workloads", self.workloads, WORKLOADS)
+        _check_choices("methods", self.methods, METHODS)
+        for name in ("k", "min_budget", "new_tokens", "sync_tokens", "steps", "sync_steps", "prompt_length",
+                     "copy_mib", "attention_reps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"bench {name}: must be a positive integer, got {value!r}")
+        for name in ("real_batch", "shaped_batch", "contexts", "output_lengths"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+                raise ValueError(f"bench {name}: must be a non-empty list of positive integers, got {values!r}")
+        if len(set(self.contexts)) != len(self.contexts):
+            raise ValueError(f"bench contexts: must be distinct, got {self.contexts!r}")
+        if self.warmup < self.k + 2:
+            raise ValueError(f"bench warmup: must be >= k + 2 = {self.k + 2} steps so every request leaves its "
+                             f"cold-start draft round before timing, got {self.warmup}")
+        if self.shape not in SHAPE_CHOICES:
+            raise ValueError(f"bench shape: must be one of {tuple(SHAPE_CHOICES)}, got {self.shape!r}")
+        if self.real_random_shape is not None and self.real_random_shape not in SHAPE_CHOICES:
+            raise ValueError(f"bench real_random_shape: must be one of {tuple(SHAPE_CHOICES)}, "
+                             f"got {self.real_random_shape!r}")
+        if self.real_dtype not in DTYPES:
+            raise ValueError(f"bench real_dtype: must be one of {tuple(DTYPES)}, got {self.real_dtype!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"bench temperature: must be >= 0, got {self.temperature!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"bench time_budget_s: must be > 0, got {self.time_budget_s!r}")
+        for method in self.replay:
+            if method not in METHODS or method == "none":
+                raise ValueError(f"bench replay: {method!r} is not a draft method ({METHODS[1:]})")
+        for method in self.methods:
+            self.spec(method, replayed="shaped" in self.workloads)     # every spec must be valid now, not mid-run
+
+    def spec(self, method: str, replayed: bool) -> SpecConfig:
+        """The method's SpecConfig; `replayed` (shaped workload) adds its acceptance distribution."""
+        replay = None
+        if replayed and method != "none":
+            replay = self.replay.get(method)
+            if replay is None:
+                if self.k != len(DEFAULT_REPLAY) - 1:
+                    raise ValueError(f"bench replay: the default distribution is for k = {len(DEFAULT_REPLAY) - 1}; "
+                                     f"give one of k + 1 = {self.k + 1} probabilities for {method} (k = {self.k})")
+                replay = DEFAULT_REPLAY
+        return SpecConfig(method=method, k=self.k, budget_ratio=self.budget_ratio, min_budget=self.min_budget,
+                          replay_acceptance=replay)
+
+    def replay_description(self, method: str) -> dict:
+        if method == "none":
+            return {"distribution": None, "source": "vanilla decoding verifies nothing"}
+        if method in self.replay:
+            return {"distribution": list(self.replay[method]), "source": "given (--replay)"}
+        return {"distribution": list(DEFAULT_REPLAY), "source": DEFAULT_REPLAY_SOURCE}
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["replay"] = {method: list(dist) for method, dist in self.replay.items()}
+        return out
+
+
+def _check_choices(name: str, values: Sequence[str], choices: Sequence[str]) -> None:
+    if not values or len(set(values)) != len(values) or any(v not in choices for v in values):
+        raise ValueError(f"bench {name}: need distinct values from {tuple(choices)}, got {tuple(values)!r}")
+
+
+def smoke_config(**overrides) -> BenchConfig:
+    """Every method and both workloads at tiny sizes: a tiny random model for the shaped workload, tiny random
+    weights with the embedded model's tokenizer and chat template for the real one. One context and one real
+    request: on a CPU a point's time goes mostly to its two engines' compiled programs, and fewer row mixes
+    mean fewer programs. The numbers check the harness, not the engine's speed."""
+    fields = dict(workloads=WORKLOADS, methods=METHODS, k=8, min_budget=16, real_random_shape="tiny-shaped",
+                  real_batch=(1,), new_tokens=24, sync_tokens=12, shape="tiny-shaped", shaped_batch=(4,),
+                  contexts=(96,), warmup=10, steps=10, sync_steps=4, prompt_length=16,
+                  output_lengths=(64, 128, 256), copy_mib=16, attention_reps=2)
+    fields.update(overrides)
+    return BenchConfig(**fields)
+
+
+def parse_replay(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """--replay values: "p0,...,pk" for every draft method, or "method=p0,...,pk" for one (later ones win)."""
+    out: dict[str, tuple[float, ...]] = {}
+    for item in items:
+        methods, _, numbers = item.rpartition("=")
+        try:
+            probs = tuple(float(p) for p in numbers.split(","))
+        except ValueError:
+            raise ValueError(f"--replay {item!r}: expected comma-separated probabilities") from None
+        for method in ([methods] if methods else METHODS[1:]):
+            out[method] = probs
+    return out
+
+
+# -- measurement helpers -------------------------------------------------------------------------------------
+def compile_split(steps) -> tuple[list, list, float]:
+    """(steady steps, compile steps, median step ms): a compile step is over COMPILE_FACTOR x the median."""
+    median = float(np.median([s.step_ms for s in steps]))
+    steady = [s for s in steps if s.step_ms <= COMPILE_FACTOR * median]
+    compiled = [s for s in steps if s.step_ms > COMPILE_FACTOR * median]
+    return steady, compiled, median
+
+
+def acceptance_summary(counts: np.ndarray) -> dict:
+    """Histogram of verifies by drafts accepted (0..k), and the mean accepted per verify."""
+    counts = np.asarray(counts, np.int64)
+    verifies = int(counts.sum())
+    mean = float((np.arange(len(counts)) * counts).sum() / verifies) if verifies else 0.0
+    return {"verifies": verifies, "accepted_per_verify": mean, "acceptance_histogram": counts.tolist()}
+
+
+def device_memory() -> dict[str, int | None]:
+    """Device memory in use now and the process's peak so far (allocator statistics; None where the platform
+    keeps none). Sampled at the end of a throughput window, while its engine still holds its pool."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:                                 # noqa: BLE001 - platforms without statistics raise
+        stats = {}
+    return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+
+
+def device_description() -> str:
+    device = jax.devices()[0]
+    return f"{getattr(device, 'device_kind', device.platform)} ({device.platform}, jax {jax.__version__}, " \
+           f"{platform.machine()}, {jax.device_count()} device(s))"
+
+
+def integrate_over_output_length(contexts: Sequence[float], ms_per_token: Sequence[float], prompt_length: float,
+                                 output_length: float) -> dict:
+    """Mean ms per output token of an output of T tokens generated after a prompt of P tokens.
+
+    Token t of the output is produced at context P + t, so the mean is (1/T) * integral over L in [P, P + T] of
+    the per-token time f(L). f is piecewise linear through the measured (context, ms/token) points and continues
+    the first and last segments linearly beyond them (step time is affine in the context read), except that a
+    side whose continuation would reach a negative time at P or P + T is held at its end point's value
+    instead; with one point f is constant. The integral is exact for that f (trapezoids between breakpoints)."""
+    if len(contexts) != len(ms_per_token) or not contexts:
+        raise ValueError(f"need as many ms_per_token as contexts (>= 1), got {len(contexts)} and {len(ms_per_token)}")
+    if not output_length > 0 or prompt_length < 0:
+        raise ValueError(f"need output_length > 0 and prompt_length >= 0, got {output_length}, {prompt_length}")
+    order = np.argsort(contexts)
+    xs = np.asarray(contexts, np.float64)[order]
+    ys = np.asarray(ms_per_token, np.float64)[order]
+    if len(set(xs.tolist())) != len(xs):
+        raise ValueError(f"contexts must be distinct, got {list(contexts)}")
+    start, end = float(prompt_length), float(prompt_length + output_length)
+
+    def linear(x: float) -> float:
+        if len(xs) == 1:
+            return float(ys[0])
+        i = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))       # the segment (or its extension)
+        return float(ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i]))
+
+    hold_low = start < xs[0] and linear(start) < 0
+    hold_high = end > xs[-1] and linear(end) < 0
+
+    def f(x: float) -> float:
+        if hold_low and x < xs[0]:
+            return float(ys[0])
+        if hold_high and x > xs[-1]:
+            return float(ys[-1])
+        return linear(x)
+
+    cuts = [start, *[float(x) for x in xs if start < x < end], end]
+    integral = sum((b - a) * (f(a) + f(b)) / 2 for a, b in zip(cuts, cuts[1:]))
+    mean = integral / output_length
+    return {"prompt_length": prompt_length, "output_length": output_length, "ms_per_token": mean,
+            "tokens_per_s": 1e3 / mean if mean > 0 else None,
+            "extrapolated": bool(start < xs[0] or end > xs[-1]),
+            "held_constant": [side for side, held in (("below", hold_low), ("above", hold_high)) if held]}
+
+
+# -- real workload -------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a JSONL file, one {"prompt": ...} object per non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"bench prompts: {path} is not a readable file")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{path}:{number}: field 'prompt' must be a non-empty string")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def chat_token_ids(tokenizer, prompts: Sequence[str], source: str) -> list[list[int]]:
+    if not tokenizer.chat_template:
+        raise ValueError(f"bench model {source}: its tokenizer has no chat template (the real workload "
+                         "chat-templates its prompts)")
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                           add_generation_prompt=True), add_special_tokens=False)
+            for p in prompts]
+
+
+@dataclasses.dataclass
+class RealModel:
+    name: str
+    config: ModelConfig
+    params: dict
+    tokenizer: object
+    random_weights: bool
+
+
+def load_real_model(config: BenchConfig) -> RealModel:
+    loaded = load_model(config.model)
+    if config.real_random_shape is None:
+        return RealModel(config.model, loaded.config, loaded.params, loaded.tokenizer, False)
+    shape = dataclasses.replace(SHAPE_CHOICES[config.real_random_shape], vocab_size=loaded.config.vocab_size,
+                                bos_token_id=loaded.config.bos_token_id, eos_token_ids=loaded.config.eos_token_ids)
+    params = random_params(shape, seed=config.seed, dtype=DTYPES[config.real_dtype])
+    return RealModel(f"{config.real_random_shape} random weights, {config.model} tokenizer", shape, params,
+                     loaded.tokenizer, True)
+
+
+def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig, sync: bool, max_tokens: int):
+    """An engine that ran `max_tokens` per prompt. Limits depend on config.new_tokens only, so the throughput
+    and device windows compile the same shapes; a prompt is prefilled in one chunk of up to PREFILL_CHUNK."""
+    batch = len(prompt_ids)
+    max_len = max(map(len, prompt_ids)) + config.new_tokens + config.k + 1
+    engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
+                                 max_batch_size=batch, max_model_len=max_len,
+                                 kv_cache_tokens=batch * (max_len + config.k + PAGE_SIZE),
+                                 max_num_batched_tokens=max(batch * (config.k + 1), PREFILL_TOKENS),
+                                 prefill_chunk_size=PREFILL_CHUNK, page_size=PAGE_SIZE, sync_host=sync,
+                                 host_kv_tokens=0, seed=config.seed)
+    engine = Engine(model.config, model.params, model.tokenizer, engine_config, config.spec(method, replayed=False))
+    requests = [engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
+                                                       max_tokens=max_tokens, ignore_eos=True))
+                for i, ids in enumerate(prompt_ids)]
+    while engine.has_unfinished():
+        engine.step()
+    return engine, requests
+
+
+def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, config: BenchConfig) -> dict:
+    """Real generation of config.new_tokens per prompt with `method`, then its sync-mode device window."""
+    batch = len(prompt_ids)
+    prompt_mean = float(np.mean([len(ids) for ids in prompt_ids]))
+    engine, requests = _real_engine(model, prompt_ids, method, config, sync=False, max_tokens=config.new_tokens)
+    steps = engine.metrics.steps
+    steady, compiled, median = compile_split(steps)
+    output_tokens = sum(len(r.output_ids) for r in requests)
+    engine_s = sum(s.step_ms for s in steps) / 1e3
+    steady_s = engine_s - sum(s.step_ms - median for s in compiled) / 1e3
+    decode = [s for s in steady if not s.prefill_rows]
+    point = {
+        "workload": "real", "method": method, "batch": batch, "new_tokens": config.new_tokens,
+        "prompt_tokens_mean": prompt_mean, "output_tokens": output_tokens, "steps": len(steps),
+        "engine_s": engine_s, "compile_steps": len(compiled),
+        "compile_s": sum(s.step_ms for s in compiled) / 1e3, "median_step_ms": median,
+        "tokens_per_s": output_tokens / steady_s, "tokens_per_s_e2e": output_tokens / engine_s,
+        "tokens_per_step": output_tokens / len(steps),
+        "step_ms": float(np.mean([s.step_ms for s in decode])) if decode else median,
+        "host_ms": float(np.mean([s.host_ms for s in steady])),
+        "kv_tokens_used_mean": float(np.mean([s.kv_tokens_used for s in steps])),
+        "kv_tokens_used_max": max(s.kv_tokens_used for s in steps),
+        "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
+        **acceptance_summary(engine.acceptance_counts),
+        "throughput_composition": _composition(decode, prompt_mean + config.new_tokens / 2, "throughput window"),
+        "device_memory": device_memory(),
+    }
+    del engine, requests, steps, steady, compiled, decode
+    gc.collect()                       # the engine holds reference cycles: free its KV pool before the next one
+    sync_tokens = min(config.sync_tokens, config.new_tokens)
+    engine, _ = _real_engine(model, prompt_ids, method, config, sync=True, max_tokens=sync_tokens)
+    decode = [s for s in engine.metrics.steps if not s.prefill_rows]
+    if len(decode) > 2 * (config.k + 2):
+        decode = decode[config.k + 2:]                 # past the cold-start draft round
+    point["device_window"] = _device_window(decode, prompt_mean + sync_tokens / 2)
+    del engine, decode
+    gc.collect()
+    return point
+
+
+# -- shaped workload -----------------------------------------------------------------------------------------
+def shaped_headroom(method: str, config: BenchConfig) -> int:
+    """Tokens each placed request may grow by over both windows without running out of pages: at most one per
+    step (vanilla, and drafting methods whose k + 1-step rounds emit <= k + 1), k + 1 per verify for n-gram
+    (every step in sync mode, every other one when its verify sits out a step)."""
+    async_steps, sync_steps = config.warmup + config.steps, config.k + 2 + config.sync_steps
+    if method == "ngram":
+        return max(async_steps * math.ceil((config.k + 1) / 2), sync_steps * (config.k + 1)) + config.k + 1
+    return max(async_steps, sync_steps) + config.k + 1
+
+
+def _placed_engine(cfg: ModelConfig, params, batch: int, context: int, method: str, config: BenchConfig,
+                   sync: bool) -> Engine:
+    """An engine with `batch` requests placed at `context`; pool and length limits depend on the largest
+    context only, so every context of a method compiles the same shapes."""
+    headroom = shaped_headroom(method, config)
+    max_len = max(config.contexts) + headroom
+    engine_config = EngineConfig(dtype="bfloat16", attention_backend=config.attention_backend,
+                                 max_batch_size=batch, max_model_len=max_len,
+                                 kv_cache_tokens=batch * (max_len + PAGE_SIZE) + config.k,
+                                 max_num_batched_tokens=batch * (config.k + 1), page_size=PAGE_SIZE,
+                                 sync_host=sync, host_kv_tokens=0, seed=config.seed)
+    engine = Engine(cfg, params, placeholder_tokenizer(), engine_config, config.spec(method, replayed=True))
+    sampling = SamplingParams(temperature=config.temperature, max_tokens=1 << 30, ignore_eos=True)
+    place_at_context(engine, batch, context, 1 << 30, seed=config.seed + 1, reserve=0, params=sampling)
+    return engine
+
+
+def run_shaped_point(cfg: ModelConfig, params, batch: int, context: int, method: str, config: BenchConfig) -> dict:
+    """`warmup` then `steps` timed steps of `batch` requests placed at `context`, then the sync-mode window."""
+    engine = _placed_engine(cfg, params, batch, context, method, config, sync=False)
+    for _ in range(config.warmup):
+        engine.step()
+    first = len(engine.metrics.steps)
+    before = engine.acceptance_counts.copy()
+    for _ in range(config.steps):
+        engine.step()
+    grown_before = sum(s.emitted_tokens for s in engine.metrics.steps[:first]) / batch
+    timed = engine.metrics.steps[first:]
+    steady, compiled, median = compile_split(timed)
+    seconds = sum(s.step_ms for s in steady) / 1e3
+    emitted = sum(s.emitted_tokens for s in steady)
+    grown = grown_before + sum(s.emitted_tokens for s in timed) / batch / 2
+    point = {
+        "workload": "shaped", "method": method, "batch": batch, "context": context, "steps_timed": len(steady),
+        "compile_steps": len(compiled), "compile_s": sum(s.step_ms for s in compiled) / 1e3,
+        "median_step_ms": median, "step_ms": 1e3 * seconds / len(steady), "tokens_per_s": emitted / seconds,
+        "tokens_per_step": emitted / len(steady), "host_ms": float(np.mean([s.host_ms for s in steady])),
+        "wait_ms": float(np.mean([s.wait_ms for s in steady])),
+        "kv_tokens_used_mean": float(np.mean([s.kv_tokens_used for s in timed])),
+        "kv_tokens_used_max": max(s.kv_tokens_used for s in timed),
+        "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
+        **acceptance_summary(engine.acceptance_counts - before),
+        "throughput_composition": _composition(steady, context + grown, "throughput window"),
+        "device_memory": device_memory(),
+    }
+    del engine, timed, steady, compiled
+    gc.collect()
+    engine = _placed_engine(cfg, params, batch, context, method, config, sync=True)
+    for _ in range(config.k + 2 + config.sync_steps):
+        engine.step()
+    window = engine.metrics.steps[config.k + 2:]
+    grown = sum(s.emitted_tokens for s in engine.metrics.steps[:config.k + 2]) / batch
+    point["device_window"] = _device_window(window, context + grown + sum(s.emitted_tokens for s in window) / batch / 2)
+    del engine, window
+    gc.collect()
+    return point
+
+
+def _composition(steps, context: float, window: str) -> dict:
+    if not steps:
+        raise ValueError(f"bench: the {window} has no decode steps to measure (raise new_tokens, sync_tokens or "
+                         "the step counts)")
+    return roofline.StepComposition.of_steps(steps, context).as_dict()
+
+
+def _device_window(steps, context: float) -> dict:
+    """Device ms/step of sync-mode decode steps (median wait after dispatch) and their composition."""
+    steady, compiled, _ = compile_split(steps)
+    return {"steps": len(steady), "compile_steps": len(compiled),
+            "device_ms": float(np.median([s.wait_ms for s in steady])),
+            "host_ms": float(np.mean([s.host_ms for s in steady])),
+            "composition": _composition(steady, context, "sync-mode device window")}
+
+
+# -- per-point analysis --------------------------------------------------------------------------------------
+def add_breakdown(point: dict, cfg: ModelConfig, dtype, config: BenchConfig, bandwidth: float) -> None:
+    """Attention ms at the device window's composition, GEMM/other, bytes per step and roofline fractions."""
+    spec = config.spec(point["method"], replayed=False)
+    itemsize = jnp.dtype(dtype).itemsize
+    window = point["device_window"]
+    point["device_ms"] = window["device_ms"]
+    attention = roofline.time_attention(cfg, dtype, resolve_backend(config.attention_backend),
+                                        roofline.StepComposition(**window["composition"]), spec,
+                                        page_size=PAGE_SIZE, reps=config.attention_reps, seed=config.seed)
+    point["attention"] = attention
+    point["attention_ms"] = attention["ms"]
+    point["gemm_other_ms"] = window["device_ms"] - attention["ms"]
+    through = roofline.bytes_per_step(cfg, itemsize, roofline.StepComposition(**point["throughput_composition"]),
+                                      spec)
+    device = roofline.bytes_per_step(cfg, itemsize, roofline.StepComposition(**window["composition"]), spec)
+    point["bytes_per_step"] = through
+    point["roofline_ms"] = roofline.roofline_ms(through["total"], bandwidth)
+    point["roofline_fraction"] = roofline.achieved_fraction(through["total"], bandwidth, point["step_ms"])
+    point["roofline_fraction_device"] = (roofline.achieved_fraction(device["total"], bandwidth, window["device_ms"])
+                                         if window["device_ms"] > 0 else None)
+
+
+def length_curves(points: list[dict], config: BenchConfig) -> list[dict]:
+    """Per (method, batch) of the shaped workload: tokens/s integrated over each output length."""
+    curves = []
+    for batch in config.shaped_batch:
+        for method in config.methods:
+            measured = sorted((p["context"], 1e3 / p["tokens_per_s"]) for p in points
+                              if p["workload"] == "shaped" and p["method"] == method and p["batch"] == batch
+                              and p["tokens_per_s"] > 0)
+            if not measured:
+                continue
+            contexts, ms = zip(*measured)
+            curves.append({"method": method, "batch": batch, "contexts": list(contexts),
+                           "ms_per_token": list(ms),
+                           "points": [integrate_over_output_length(contexts, ms, config.prompt_length, length)
+                                      for length in config.output_lengths]})
+    return curves
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], None] = print,
+                  on_point: Callable[[dict], None] | None = None) -> dict:
+    """Run every requested (workload, batch[, context], method) point; returns the full result (JSON-ready).
+    `on_point(result so far)` runs after every point, so a run cut short still leaves its report behind."""
+    started = time.perf_counter()
+    result = {"title": "End-to-end throughput: vanilla vs n-gram vs streaming vs pillar",
+              "device": device_description(), "date": datetime.date.today().isoformat(), "command": command,
+              "config": config.as_dict(), "attention_backend": resolve_backend(config.attention_backend),
+              "points": [], "skipped": [], "failed": [], "workloads": {}, "integrated": [], "elapsed_s": 0.0}
+    result["copy_bandwidth"] = roofline.copy_bandwidth(config.copy_mib << 20)
+    bandwidth = result["copy_bandwidth"]["bytes_per_s"]
+    log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {result['device']}")
+
+    def out_of_time() -> bool:
+        return config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s
+
+    def update() -> None:
+        result["integrated"] = length_curves(result["points"], config)
+        result["elapsed_s"] = time.perf_counter() - started
+
+    def measure(label: str, run: Callable[[], dict], cfg: ModelConfig, dtype) -> None:
+        """One point; a failure (out of device memory, say) is recorded and the run goes on to the next."""
+        if out_of_time():
+            result["skipped"].append(label)
+            log(f"skipped (time budget): {label}")
+            return
+        try:
+            point = run()
+            add_breakdown(point, cfg, dtype, config, bandwidth)
+        except Exception as error:                 # noqa: BLE001 - one failed point must not lose the others
+            result["failed"].append({"point": label, "error": f"{type(error).__name__}: {error}"[:2000]})
+            log(f"FAILED {label}: {type(error).__name__}: {error}")
+            gc.collect()
+            return
+        result["points"].append(point)
+        if on_point is not None:
+            update()
+            on_point(result)
+        log(f"{label}: {point['tokens_per_s']:.1f} tok/s, {point['tokens_per_step']:.2f} tok/step, "
+            f"accepted/verify {point['accepted_per_verify']:.2f}, host {point['host_ms']:.2f} ms, device "
+            f"{point['device_ms']:.2f} ms (attention {point['attention_ms']:.2f}), roofline "
+            f"{point['roofline_fraction']:.0%}")
+
+    for workload in config.workloads:
+        if workload == "real":
+            try:
+                model = load_real_model(config)
+                prompts = read_prompts(config.prompts)
+                ids = chat_token_ids(model.tokenizer, prompts, config.model)
+            except Exception as error:             # noqa: BLE001 - the other workload's results still count
+                result["failed"].append({"point": "real workload (model and prompts)",
+                                         "error": f"{type(error).__name__}: {error}"[:2000]})
+                log(f"FAILED real workload setup: {type(error).__name__}: {error}")
+                continue
+            result["workloads"]["real"] = {
+                "model": model.name, "random_weights": model.random_weights, "dtype": config.real_dtype,
+                "prompts": config.prompts, "distinct_prompts": len(prompts), "temperature": config.temperature,
+                "new_tokens": config.new_tokens, "replayed": False}
+            for batch in config.real_batch:
+                batch_ids = [ids[i % len(ids)] for i in range(batch)]
+                for method in config.methods:
+                    measure(f"real B{batch} {method}", lambda: run_real_point(model, batch_ids, method, config),
+                            model.config, DTYPES[config.real_dtype])
+            del model
+            gc.collect()
+        else:
+            cfg = SHAPE_CHOICES[config.shape]
+            params = random_params(cfg, seed=config.seed, dtype=jnp.bfloat16)
+            result["workloads"]["shaped"] = {
+                "shape": config.shape, "dtype": "bfloat16", "random_weights": True, "replayed": True,
+                "replay": {m: config.replay_description(m) for m in config.methods},
+                "contexts": list(config.contexts), "warmup": config.warmup, "steps": config.steps,
+                "sync_steps": config.sync_steps}
+            for batch in config.shaped_batch:
+                for context in config.contexts:
+                    for method in config.methods:
+                        measure(f"shaped {config.shape} B{batch} L{context} {method}",
+                                lambda: run_shaped_point(cfg, params, batch, context, method, config),
+                                cfg, jnp.bfloat16)
+            del params
+            gc.collect()
+    update()
+    return result

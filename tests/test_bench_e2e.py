@@ -1,0 +1,197 @@
+"""`sparsespec bench`: the smoke run writes a well-formed report; roofline and length-integration arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+
+from sparsespec_jax.benchmark import report, roofline
+from sparsespec_jax.benchmark.e2e import (METHODS, BenchConfig, integrate_over_output_length, parse_replay,
+                                          read_prompts, smoke_config)
+from sparsespec_jax.cli import EXIT_INVALID_JOB, EXIT_OK, main
+from sparsespec_jax.config import ModelConfig
+from sparsespec_jax.spec.config import SpecConfig
+from sparsespec_jax.step_metrics import StepMetrics
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_a_well_formed_report(tmp_path, capsys):
+    # One test, not several sharing a fixture: parallel workers would each run the smoke again.
+    assert main(["bench", "--smoke", "--out", str(tmp_path), "--name", "smoke"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert printed.index("## Targets") < printed.index("## Per point") < printed.index("report: ")
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    check_points(result)
+    check_summary(tmp_path, result, (tmp_path / "smoke.md").read_text())
+
+
+def check_points(result: dict) -> None:
+    """Every method at every point, with the numbers that must be finite and positive."""
+    assert result["failed"] == [] and result["skipped"] == []
+    k = result["config"]["k"]
+    for workload in ("real", "shaped"):
+        points = [p for p in result["points"] if p["workload"] == workload]
+        keys = {(p["batch"], p.get("context")) for p in points}
+        assert len(points) == len(METHODS) * len(keys) and {p["method"] for p in points} == set(METHODS)
+    assert {p["context"] for p in result["points"] if p["workload"] == "shaped"} == set(result["config"]["contexts"])
+    for p in result["points"]:
+        where = f"{p['workload']} {p['method']}"
+        for field in ("tokens_per_s", "tokens_per_step", "host_ms", "step_ms", "attention_ms", "roofline_ms",
+                      "roofline_fraction", "kv_tokens_used_mean"):
+            assert positive(p[field]), f"{where}: {field} = {p[field]}"
+        assert math.isfinite(p["device_ms"]) and p["device_ms"] >= 0, where
+        assert p["gemm_other_ms"] == pytest.approx(p["device_ms"] - p["attention_ms"])
+        assert p["bytes_per_step"]["total"] > p["bytes_per_step"]["weights"] > 0
+        assert set(p["device_memory"]) == {"bytes_in_use", "peak_bytes_in_use"}
+        histogram = p["acceptance_histogram"]
+        assert len(histogram) == (k + 1 if p["method"] != "none" else 1) and sum(histogram) == p["verifies"]
+        assert (p["verifies"] > 0) == (p["method"] != "none"), where
+        assert 0 <= p["accepted_per_verify"] <= k
+        assert p["attention"]["layers"] == 2 and p["attention"]["score_pass"] == (p["method"] == "pillar"
+                                                                                 and p["attention"]["verify_rows"] > 0)
+    real = [p for p in result["points"] if p["workload"] == "real"]
+    for p in real:
+        assert p["output_tokens"] == p["batch"] * result["config"]["new_tokens"]
+        assert p["tokens_per_s"] >= p["tokens_per_s_e2e"] > 0
+    shaped = result["workloads"]["shaped"]
+    assert shaped["replayed"] and shaped["replay"]["pillar"]["distribution"] is not None
+    assert not result["workloads"]["real"]["replayed"] and result["workloads"]["real"]["random_weights"]
+    assert positive(result["copy_bandwidth"]["bytes_per_s"])
+
+
+def check_summary(out, result: dict, text: str) -> None:
+    """Integrated curves, targets, valid PNG plots and the markdown table."""
+    curves = result["integrated"]
+    assert {c["method"] for c in curves} == set(METHODS)
+    for curve in curves:
+        assert [at["output_length"] for at in curve["points"]] == list(result["config"]["output_lengths"])
+        assert all(positive(at["tokens_per_s"]) for at in curve["points"])
+    statuses = {t["target"].split(" (")[0]: t["status"] for t in result["targets"]}
+    assert len(result["targets"]) == 5 and set(statuses.values()) <= {"PASS", "MISS", "N/A"}
+    assert statuses["pillar >= 2.2x vanilla"] == "N/A"          # the smoke's tiny shape is not the target's
+    assert statuses["pillar >= 1.5x vanilla"] == "N/A"          # random weights are not SmolLM2
+    for name in result["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+        width, height = struct.unpack(">II", data[16:24])
+        assert width > 100 and height > 100
+    assert len(result["plots"]) == 4
+    assert "| point | method | tok/s |" in text
+    table = text.split("## Per point")[1]
+    assert sum(line.startswith("| real ") or line.startswith("| shaped ") for line in table.splitlines()) == \
+        len(result["points"])
+    assert all(f"**{t['status']}** {t['target']}" in text for t in result["targets"])
+    assert "REPLAYED" in text
+
+
+def test_integration_over_output_length_by_hand():
+    # f(L) = L / 1000 ms through (1000, 1) and (3000, 3), continued linearly: mean over [0, 4000] is 2.
+    whole = integrate_over_output_length([3000, 1000], [3.0, 1.0], prompt_length=0, output_length=4000)
+    assert whole["ms_per_token"] == pytest.approx(2.0) and whole["extrapolated"]
+    assert whole["tokens_per_s"] == pytest.approx(500.0)
+    # Flat 1 ms up to 1000, then rising to 3 ms at 2000: over [500, 2000] (500 * 1 + 1000 * 2) / 1500.
+    kink = integrate_over_output_length([0, 1000, 2000], [1.0, 1.0, 3.0], prompt_length=500, output_length=1500)
+    assert kink["ms_per_token"] == pytest.approx(2500 / 1500) and not kink["extrapolated"]
+    assert integrate_over_output_length([4096], [2.5], 128, 8192)["ms_per_token"] == pytest.approx(2.5)
+    # Continuing 1 ms at 1000 -> 11 ms at 2000 down to 0 would reach -9 ms: that side is held at 1 ms instead.
+    steep = integrate_over_output_length([1000, 2000], [1.0, 11.0], prompt_length=0, output_length=2000)
+    assert steep["ms_per_token"] == pytest.approx((1000 * 1 + 1000 * 6) / 2000) and steep["held_constant"] == ["below"]
+    assert whole["held_constant"] == [] and kink["held_constant"] == []
+    with pytest.raises(ValueError, match="as many"):
+        integrate_over_output_length([1000, 2000], [1.0], 0, 100)
+    with pytest.raises(ValueError, match="distinct"):
+        integrate_over_output_length([1000, 1000], [1.0, 2.0], 0, 100)
+
+
+TOY = ModelConfig(arch="llama", vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=4, tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+def test_bytes_per_step_by_hand():
+    # Layers: norms 2*8 twice, wq/wo 2*8*8, wk/wv 2*8*4, gate/up/down 2*8*16, + final norm 8 = 1192 params.
+    assert roofline.weight_bytes(TOY, 2) == {"layers": 2384, "head": 512}
+    assert roofline.kv_bytes_per_token(TOY, 2) == 32
+    spec = SpecConfig(method="pillar", k=8, min_budget=16, budget_ratio=0.05)
+    mixed = roofline.StepComposition(draft_rows=6, verify_rows=2, verify_tokens=9, decode_rows=0, context=1000)
+    parts = roofline.bytes_per_step(TOY, 2, mixed, spec)
+    # Drafts read max(16, 50) + 4.5 own slots; pillar verify rows read K once more; 6 + 2*9 tokens written.
+    assert parts == {"weights": 2384 + 2 * 512, "kv_full": 2 * 1000 * 32, "kv_sparse": 6 * 54.5 * 32,
+                     "kv_scores": 2 * 1000 * 16, "kv_write": 24 * 32, "total": 110640}
+    vanilla = roofline.StepComposition(draft_rows=0, verify_rows=0, verify_tokens=0, decode_rows=4, context=1000)
+    assert roofline.bytes_per_step(TOY, 2, vanilla, SpecConfig(method="none"))["total"] == 2896 + 128000 + 128
+    assert roofline.roofline_ms(1e9, 1e12) == pytest.approx(1.0)
+    assert roofline.achieved_fraction(1e9, 1e12, step_ms=4.0) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="bandwidth"):
+        roofline.roofline_ms(1e9, 0.0)
+
+
+def test_composition_of_steps_and_attention_timing():
+    def step(draft, verify, decode, tokens):
+        return StepMetrics(step=0, host_ms=1.0, wait_ms=1.0, step_ms=2.0, tokens=tokens, prefill_rows=0,
+                           draft_rows=draft, verify_rows=verify, decode_rows=decode, emitted_tokens=1,
+                           kv_tokens_used=0, kv_tokens_offloaded=0)
+
+    composition = roofline.StepComposition.of_steps([step(7, 1, 0, 16), step(5, 3, 1, 33)], context=300)
+    assert composition.as_dict() == {"draft_rows": 6.0, "verify_rows": 2.0, "verify_tokens": 9.0,
+                                     "decode_rows": 0.5, "context": 300.0}
+    timing = roofline.time_attention(TOY, "float32", "reference", composition,
+                                     SpecConfig(method="pillar", k=8, min_budget=16), reps=1)
+    assert positive(timing["ms"]) and timing["score_pass"] and timing["draft_tokens"] == 21
+    assert (timing["draft_rows"], timing["verify_rows"], timing["verify_tokens"]) == (6, 2, 9)
+    for only in (dict(draft_rows=3, verify_rows=0, decode_rows=0), dict(draft_rows=0, verify_rows=0, decode_rows=3)):
+        alone = roofline.StepComposition(verify_tokens=0, context=200, **only)
+        timing = roofline.time_attention(TOY, "bfloat16", "reference", alone, SpecConfig(method="none"), reps=1)
+        assert positive(timing["ms"]) and not timing["score_pass"]
+
+
+def test_targets_pass_and_miss_on_given_numbers():
+    def point(workload, method, tok_s, host=0.2, fraction=0.8, **where):
+        return {"workload": workload, "method": method, "tokens_per_s": tok_s, "host_ms": host,
+                "roofline_fraction": fraction, "batch": 128, **where}
+
+    result = {"workloads": {"shaped": {"shape": "qwen3-8b-shaped"},
+                            "real": {"random_weights": False, "model": "smollm2-135m-instruct"}},
+              "config": {"model": "smollm2-135m-instruct", "prompt_length": 128},
+              "points": [point("shaped", "none", 100.0, context=4096), point("shaped", "pillar", 250.0, context=4096),
+                         point("shaped", "ngram", 260.0, context=4096, host=0.7),
+                         point("real", "none", 1000.0, new_tokens=256),
+                         point("real", "pillar", 1400.0, new_tokens=256)],
+              "integrated": [{"method": m, "batch": 128, "points": [
+                  {"output_length": 8192, "tokens_per_s": v, "extrapolated": False}]}
+                  for m, v in (("none", 100.0), ("pillar", 230.0))]}
+    targets = {t["target"].split(" (")[0]: t for t in report.check_targets(result)}
+    assert targets["pillar >= 2.2x vanilla"]["status"] == "PASS"
+    assert targets["pillar >= 2.2x vanilla"]["value"] == pytest.approx(2.3)
+    assert targets["pillar >= 1.5x vanilla"]["status"] == "MISS"
+    above = targets["pillar above n-gram and streaming at every point"]
+    assert above["status"] == "MISS" and "n-gram" in above["detail"]
+    assert targets["host <= 0.5 ms/step"]["status"] == "MISS" and targets["host <= 0.5 ms/step"]["value"] == 0.7
+    assert targets["vanilla >= 70% of the copy-bandwidth roofline"]["status"] == "PASS"
+
+
+def test_bad_bench_configurations_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match="replay.*k = 4"):
+        BenchConfig(k=4)
+    with pytest.raises(ValueError, match="warmup"):
+        smoke_config(warmup=3)
+    with pytest.raises(ValueError, match="shape"):
+        smoke_config(shape="qwen9")
+    assert parse_replay(["0.5,0.5", "pillar=0.2,0.8"]) == {"ngram": (0.5, 0.5), "streaming": (0.5, 0.5),
+                                                           "pillar": (0.2, 0.8)}
+    assert main(["bench", "--smoke", "--k", "2", "--replay", "0.5,0.3"]) == EXIT_INVALID_JOB
+    assert "replay_acceptance" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Two plus two?"}\n\n{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="prompts.jsonl:3: field 'prompt'"):
+        read_prompts(prompts)
+    prompts.write_text('{"prompt": "Two plus two?"}\n')
+    assert read_prompts(prompts) == ["Two plus two?"]
