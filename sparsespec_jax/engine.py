@@ -61,7 +61,7 @@ class EngineConfig:
     sync_host: bool = False                   # read each step's results before planning the next
     host_kv_tokens: int = 65536               # host memory pool for offloaded KV (0: preempt and recompute)
     tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
-    unroll_layers: bool | None = None         # None: on GPU (see Transformer); False keeps one compiled layer loop
+    unroll_layers: bool = False               # trace every layer (see Transformer): no per-call weight copy on GPU
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -130,8 +130,8 @@ class Engine:
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
 
         self.mesh = make_mesh(cfg, config.tensor_parallel)
-        unroll = config.unroll_layers if config.unroll_layers is not None else jax.default_backend() == "gpu"
-        model = Transformer(cfg, place_params(cfg, params, self.mesh, dtype), dtype, unroll_layers=unroll)
+        model = Transformer(cfg, place_params(cfg, params, self.mesh, dtype), dtype,
+                            unroll_layers=config.unroll_layers)
         self.graphdef, self.state = nnx.split(model)
         self._step_fn = make_step_fn(self.graphdef, spec, self.backend)
         self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
