@@ -60,13 +60,6 @@ class StepPlan:
     prompt_tokens: dict[int, np.ndarray]   # slot of a PREFILL row -> its host-known input tokens
     proposals: np.ndarray | None  # int32 [R, k]: host-made drafts of VERIFY rows (n-gram), else None
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.slot)
-
-    def count(self, kind: RowKind) -> int:
-        return int(np.count_nonzero(self.kind == kind))
-
 
 def _plan(slot, kind, start, num_tokens, *, draft_index=0, num_drafts=0, cycle_start=0, sparse=False,
           refresh=False, emits=False, stalls=False, phase=-1, prompt_tokens=None, proposals=None) -> dict:

@@ -2,9 +2,10 @@
 
 Flat token layout: first the sparse DRAFT rows (one token each, attending to their token sets), then the
 full-attention rows (emitting rows first: verify rows, plain decode rows and prompt chunks that reach the
-newest token; then dense draft rows and the other prompt chunks). Tokens the host already knows travel in
-`tokens`; the others (drafts, and tokens sampled by a step whose results the host has not read yet) are read
-on device from the slot window, through `window_index`.
+newest token; then dense draft rows and the other prompt chunks). Prompt chunks and host-made drafts travel
+in `tokens`; draft and verify rows read their tokens on device from the slot window (the cycle's newest token
+and its drafts), through `window_index`, so the host never needs the previous step's results to build a batch.
+Everything is built with array operations over the plan's rows.
 
 Shapes are padded to powers of two so the jitted step compiles once per bucket: rows of each group, full-group
 tokens, the page-table width and the longest query run. Small buckets are not worth their compile time, so each
