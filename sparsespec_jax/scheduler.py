@@ -229,8 +229,7 @@ class Scheduler:
         return _plan(slots, kind, np.where(drafting, cycle_start + draft_index, cycle_start),
                      np.where(drafting, 1, num_drafts + 1), draft_index=draft_index, num_drafts=num_drafts,
                      cycle_start=cycle_start, sparse=drafting & table.has_sets[slots], refresh=~drafting,
-                     emits=~drafting,
-                     stalls=~drafting & (num_drafts > 0), phase=phase)
+                     emits=~drafting, stalls=~drafting & (num_drafts > 0), phase=phase)
 
     def _reserve_decode_pages(self, rows: dict) -> dict:
         """Grant the decode rows' pages (a cycle's first row reserves the whole cycle), evicting the newest
