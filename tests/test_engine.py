@@ -47,11 +47,12 @@ def test_batch_invariance_with_chunked_prefill(make_engine, smollm2):
     lengths = [28 - 3 * (i % 5) for i in range(16)]                 # requests leave at different steps
     batched = generate(batched_engine, prompts,
                        [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths])
+    assert [len(out) for out in batched] == lengths
+    # Every other request alone (all five output lengths among them) keeps the suite's time in check.
     alone_engine = make_engine(max_batch_size=1, prefill_chunk_size=16, max_num_batched_tokens=64)
-    for ids, n, out in zip(prompts, lengths, batched):
+    for ids, n, out in list(zip(prompts, lengths, batched))[::2]:
         [alone] = generate(alone_engine, [ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         assert out == alone
-        assert len(out) == n
 
 
 def test_preemption_recomputes_without_changing_outputs(make_engine, smollm2):
