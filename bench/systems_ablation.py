@@ -23,6 +23,7 @@ import numpy as np
 from common import device_description, markdown_table, today, write_result
 from sparsespec_jax.benchmark.shapes import QWEN3_1_7B, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
+from sparsespec_jax.benchmark.timed_window import acceptance_summary, time_window
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
@@ -60,27 +61,13 @@ def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host
     params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True)
               for n in rng.integers(window // 3, window, args.batch)]
     place_at_context(engine, args.batch, args.context, window, seed=1, reserve=0, params=params)
-    for _ in range(args.warmup):
-        engine.step()
-    first = len(engine.metrics.steps)
-    counts_before = engine.acceptance_counts.copy()
-    for _ in range(args.steps):
-        engine.step()
-    # Steps far slower than the median compiled a new shape: their time and tokens are left out.
-    steps = engine.metrics.steps[first:]
-    median = float(np.median([s.step_ms for s in steps]))
-    steps = [s for s in steps if s.step_ms < 3 * median]
-    wall = sum(s.step_ms for s in steps) / 1e3
-    emitted = sum(s.emitted_tokens for s in steps)
-    counts = engine.acceptance_counts - counts_before               # verifies in the timed window
-    verifies, accepted = int(counts.sum()), int((counts * np.arange(len(counts))).sum())
-    result = {"tokens_per_s": emitted / wall, "host_ms": float(np.mean([s.host_ms for s in steps])),
-            "wait_ms": float(np.mean([s.wait_ms for s in steps])), "step_ms": 1e3 * wall / len(steps),
-            "steps_timed": len(steps),
-            "tokens_per_step": float(np.mean([s.tokens for s in steps])),
-            "accepted_per_verify": accepted / verifies if verifies else 0.0,
-            "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
-            "restores": engine.num_restores, "peak_host_kv_tokens": engine.host_kv.peak_tokens}
+    window = time_window(engine, args.warmup, args.steps)    # compile steps are left out
+    result = {"tokens_per_s": window.tokens_per_s, "host_ms": window.mean("host_ms"),
+              "wait_ms": window.mean("wait_ms"), "step_ms": window.step_ms, "steps_timed": len(window.steady),
+              "tokens_per_step": window.mean("tokens"),
+              "accepted_per_verify": acceptance_summary(window.acceptance_counts)["accepted_per_verify"],
+              "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
+              "restores": engine.num_restores, "peak_host_kv_tokens": engine.host_kv.peak_tokens}
     del engine
     gc.collect()                  # the engine holds reference cycles: free its KV pool before the next row
     return result

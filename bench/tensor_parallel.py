@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 from common import device_description, markdown_table, today, write_result  # noqa: E402
 from sparsespec_jax.benchmark.shapes import QWEN3_8B, placeholder_tokenizer  # noqa: E402
 from sparsespec_jax.benchmark.steady_state import place_at_context  # noqa: E402
+from sparsespec_jax.benchmark.timed_window import COMPILE_FACTOR, acceptance_summary, time_window  # noqa: E402
 from sparsespec_jax.config import ModelConfig, param_shapes  # noqa: E402
 from sparsespec_jax.engine import DTYPES, Engine, EngineConfig  # noqa: E402
 from sparsespec_jax.model import random_params  # noqa: E402
@@ -72,7 +73,6 @@ TINY = ModelConfig(arch="qwen3", vocab_size=4096, hidden_size=256, intermediate_
 MODELS = {"qwen3-8b-shaped": QWEN3_8B, "tiny": TINY}
 SMOKE = dict(model="tiny", dtype="float32", batch=4, context=64, warmup=4, steps=8, tp=[1, 2, 4], min_budget=16)
 PAGE_SIZE = 16
-SLOW_STEP_FACTOR = 3          # timed steps this much slower than the median compiled a new shape
 
 # --check: a few float32 requests of 16-24 prompt tokens, longer than the draft budget (drafts really are
 # sparse). All prompts fit one prefill step and every group one row bucket: few compiled shapes per engine.
@@ -141,24 +141,11 @@ def time_engine(cfg, params, tokenizer, args, tensor_parallel: int, method: str)
     spec = spec_for(method, args)
     engine = Engine(cfg, params, tokenizer, config, spec)
     place_at_context(engine, args.batch, args.context, new_tokens, seed=1)
-    for _ in range(args.warmup):
-        engine.step()
-    first = len(engine.metrics.steps)
-    counts_before = engine.acceptance_counts.copy()
-    for _ in range(args.steps):
-        engine.step()
-    timed = engine.metrics.steps[first:]
-    median = float(np.median([s.step_ms for s in timed]))
-    steps = [s for s in timed if s.step_ms < SLOW_STEP_FACTOR * median]
-    wall = sum(s.step_ms for s in steps) / 1e3
-    counts = engine.acceptance_counts - counts_before
-    verifies = int(counts.sum())
-    result = {"tokens_per_s": sum(s.emitted_tokens for s in steps) / wall, "step_ms": 1e3 * wall / len(steps),
-              "host_ms": float(np.mean([s.host_ms for s in steps])),
-              "wait_ms": float(np.mean([s.wait_ms for s in steps])),
-              "tokens_per_step": float(np.mean([s.tokens for s in steps])),
-              "accepted_per_verify": float(counts @ np.arange(len(counts))) / verifies if verifies else 0.0,
-              "steps_timed": len(steps), "steps_excluded": len(timed) - len(steps),
+    window = time_window(engine, args.warmup, args.steps)
+    result = {"tokens_per_s": window.tokens_per_s, "step_ms": window.step_ms, "host_ms": window.mean("host_ms"),
+              "wait_ms": window.mean("wait_ms"), "tokens_per_step": window.mean("tokens"),
+              "accepted_per_verify": acceptance_summary(window.acceptance_counts)["accepted_per_verify"],
+              "steps_timed": len(window.steady), "steps_excluded": len(window.compiled),
               "preemptions": engine.scheduler.num_preemptions,
               "device_bytes_in_use": device_bytes_in_use(tensor_parallel),
               "wall_s": time.perf_counter() - started}
@@ -259,7 +246,7 @@ def render(args, device: str, num_devices: int, rows: list[dict], ratios: dict[i
                 fmt(r.get("device_bytes_in_use") and r["device_bytes_in_use"] / 2**30, ".2f")] for r in rows]
     text = (f"# Tensor-parallel scaling — {num_devices} x {device}, {today()}\n\n"
             f"Model {args.model} ({args.dtype}, random weights), batch {args.batch} placed at {args.context} tokens, "
-            f"{args.warmup} warm-up + {args.steps} timed steps per row (steps over {SLOW_STEP_FACTOR}x the median "
+            f"{args.warmup} warm-up + {args.steps} timed steps per row (steps over {COMPILE_FACTOR:g}x the median "
             f"excluded), pool holding every request's window (no eviction). Pillar k={args.k}, min budget "
             f"{args.min_budget}; its verify outcomes are REPLAYED from {tuple(args.replay)} (accepted 0..k), not "
             f"computed. Scaling efficiency = tok/s(TP) / (TP x tok/s(TP1)) of the same method. Estimated memory: "

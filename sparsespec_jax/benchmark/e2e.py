@@ -7,7 +7,7 @@ same requests, one after the other in one process. Two workloads:
 - real: a checkpoint (default the embedded SmolLM2) generates `new_tokens` per chat-templated prompt (a JSONL
   file of {"prompt": ...} lines, reused in order when the batch is larger than the file), at `temperature`
   with per-request seeds, EOS ignored. Output tokens/s over engine time (time spent inside Engine.step).
-  Steps slower than COMPILE_FACTOR x the median step compiled a new shape: their count and seconds are
+  Steps slower than timed_window.COMPILE_FACTOR x the median step compiled a new shape: their count and seconds are
   reported, the steady rate counts each of them at the median step time, the end-to-end rate as they were.
 - shaped: random bf16 weights of a paper-scale shape; the batch is placed at context L with random KV (no
   prefill), `warmup` steps run, then `steps` steps are timed (compile steps left out). Random weights accept
@@ -41,6 +41,7 @@ from sparsespec_jax.attention import resolve_backend
 from sparsespec_jax.benchmark import roofline
 from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
+from sparsespec_jax.benchmark.timed_window import acceptance_summary, compile_split, time_window
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.loading import DEFAULT_MODEL, load_model
@@ -50,7 +51,6 @@ from sparsespec_jax.spec.config import SpecConfig
 
 METHODS = ("none", "ngram", "streaming", "pillar")
 WORKLOADS = ("real", "shaped")
-COMPILE_FACTOR = 3.0          # a step over this many times the median step compiled a new shape
 PAGE_SIZE = 16
 PREFILL_CHUNK = 256           # real workload: longest prompt chunk (the committed reasoning prompts fit in one)
 PREFILL_TOKENS = 2048         # real workload: token budget of a step, at least (prefill steps)
@@ -197,22 +197,6 @@ def parse_replay(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
 
 
 # -- measurement helpers -------------------------------------------------------------------------------------
-def compile_split(steps) -> tuple[list, list, float]:
-    """(steady steps, compile steps, median step ms): a compile step is over COMPILE_FACTOR x the median."""
-    median = float(np.median([s.step_ms for s in steps]))
-    steady = [s for s in steps if s.step_ms <= COMPILE_FACTOR * median]
-    compiled = [s for s in steps if s.step_ms > COMPILE_FACTOR * median]
-    return steady, compiled, median
-
-
-def acceptance_summary(counts: np.ndarray) -> dict:
-    """Histogram of verifies by drafts accepted (0..k), and the mean accepted per verify."""
-    counts = np.asarray(counts, np.int64)
-    verifies = int(counts.sum())
-    mean = float((np.arange(len(counts)) * counts).sum() / verifies) if verifies else 0.0
-    return {"verifies": verifies, "accepted_per_verify": mean, "acceptance_histogram": counts.tolist()}
-
-
 def device_memory() -> dict[str, int | None]:
     """Device memory in use now and the process's peak so far (allocator statistics; None where the platform
     keeps none). Sampled at the end of a throughput window, while its engine still holds its pool."""
@@ -417,16 +401,10 @@ def _placed_engine(cfg: ModelConfig, params, batch: int, context: int, method: s
 def run_shaped_point(cfg: ModelConfig, params, batch: int, context: int, method: str, config: BenchConfig) -> dict:
     """`warmup` then `steps` timed steps of `batch` requests placed at `context`, then the sync-mode window."""
     engine = _placed_engine(cfg, params, batch, context, method, config, sync=False)
-    for _ in range(config.warmup):
-        engine.step()
-    first = len(engine.metrics.steps)
-    before = engine.acceptance_counts.copy()
-    for _ in range(config.steps):
-        engine.step()
-    grown_before = sum(s.emitted_tokens for s in engine.metrics.steps[:first]) / batch
-    timed = engine.metrics.steps[first:]
-    steady, compiled, median = compile_split(timed)
-    seconds = sum(s.step_ms for s in steady) / 1e3
+    window = time_window(engine, config.warmup, config.steps)
+    grown_before = sum(s.emitted_tokens for s in engine.metrics.steps[:config.warmup]) / batch
+    timed, steady, compiled, median = window.steps, window.steady, window.compiled, window.median_ms
+    seconds = window.seconds
     emitted = sum(s.emitted_tokens for s in steady)
     grown = grown_before + sum(s.emitted_tokens for s in timed) / batch / 2
     point = {
@@ -438,11 +416,11 @@ def run_shaped_point(cfg: ModelConfig, params, batch: int, context: int, method:
         "kv_tokens_used_mean": float(np.mean([s.kv_tokens_used for s in timed])),
         "kv_tokens_used_max": max(s.kv_tokens_used for s in timed),
         "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
-        **acceptance_summary(engine.acceptance_counts - before),
+        **acceptance_summary(window.acceptance_counts),
         "throughput_composition": _composition(steady, context + grown, "throughput window"),
         "device_memory": device_memory(),
     }
-    del engine, timed, steady, compiled
+    del engine, window, timed, steady, compiled
     gc.collect()
     engine = _placed_engine(cfg, params, batch, context, method, config, sync=True)
     for _ in range(config.k + 2 + config.sync_steps):
