@@ -10,6 +10,7 @@ The host reads only the emitted tokens, one step later when it runs ahead asynch
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -87,10 +88,12 @@ def _refresh_sets(sets: DraftSets, scores, batch: UnifiedBatch, committed, num_e
     return DraftSets(positions=sets.positions.at[slot].set(positions), count=sets.count.at[slot].set(count))
 
 
+@functools.lru_cache(maxsize=16)
 def make_step_fn(graphdef, spec: SpecConfig, backend: str):
     """The engine's jitted step: step_fn(params, kv, state, buffer, layout) -> (StepOutputs, kv, state), with
     the batch and both rows' sampling arrays packed into `buffer` (packed_args.pack). The model structure, the
-    method and the backend are bound here, so no call hashes or flattens them."""
+    method and the backend are bound here, so no call hashes or flattens them; engines of the same model,
+    method and backend share one function and so its compiled shapes."""
 
     def step_fn(params, kv: KVCache, state: SlotState, buffer: jax.Array, layout: PackedLayout):
         batch, draft_sampling, emit_sampling = unpack(buffer, layout)
