@@ -61,9 +61,7 @@ class EngineConfig:
     sync_host: bool = False                   # read each step's results before planning the next
     host_kv_tokens: int = 65536               # host memory pool for offloaded KV (0: preempt and recompute)
     tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
-    # Trace every layer into the step (see Transformer); None: on a GPU only, where the layer loop would
-    # copy the weight stack on every call.
-    unroll_layers: bool | None = None
+    unroll_layers: bool = False               # trace every layer into the step (see Transformer)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -133,8 +131,7 @@ class Engine:
 
         self.mesh = make_mesh(cfg, config.tensor_parallel)
         model = Transformer(cfg, place_params(cfg, params, self.mesh, dtype), dtype,
-                            unroll_layers=(jax.default_backend() == "gpu" if config.unroll_layers is None
-                                           else config.unroll_layers))
+                            unroll_layers=config.unroll_layers)
         self.graphdef, self.state = nnx.split(model)
         self._step_fn = make_step_fn(self.graphdef, spec, self.backend)
         self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)

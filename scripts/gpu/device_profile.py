@@ -1,13 +1,14 @@
 """Where a steady-state step's device time goes on a GPU: kernels by total time per step, from a jax.profiler
 trace of a short window (vanilla and pillar, Qwen3-1.7B-shaped random bf16, 128 requests at 2048 tokens).
 
-  PYTHONPATH=$PWD python scripts/gpu/device_profile.py [trace_dir]
+  [UNROLL_LAYERS=on] PYTHONPATH=$PWD python scripts/gpu/device_profile.py [trace_dir]
 """
 
 from __future__ import annotations
 
 import collections
 import glob
+import os
 import sys
 
 import jax
@@ -39,7 +40,9 @@ def kernel_times(trace_dir: str) -> collections.Counter:
 
 
 def profile(method: str, params, trace_dir: str, steps: int = 20) -> None:
-    config = EngineConfig(dtype="bfloat16", max_batch_size=128, kv_cache_tokens=128 * 2400, max_model_len=2400,
+    unroll = os.environ.get("UNROLL_LAYERS") == "on"
+    config = EngineConfig(dtype="bfloat16", unroll_layers=unroll, max_batch_size=128, kv_cache_tokens=128 * 2400,
+                          max_model_len=2400,
                           max_num_batched_tokens=128 * 9, min_batch_bucket=16, min_context_bucket=2400)
     spec = SpecConfig(method=method, k=8, replay_acceptance=REPLAY if method != "none" else None)
     engine = Engine(QWEN3_1_7B, params, placeholder_tokenizer(), config, spec)
