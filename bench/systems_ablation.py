@@ -3,9 +3,9 @@
 
 Steady-state window: `--batch` requests are placed at `--context` tokens (random K/V, no prefill), then
 `--warmup` steps (compiles included) and `--steps` timed steps run per configuration; output lengths are
-spread over the window so requests finish and free pages; steps over 3x the median (new compiles) are left out. The device pool leaves
-each request only `--headroom` tokens to grow, so eviction starts within the window in every row: the first
-three recompute evicted requests (preemption), the last moves their KV to host memory and back.
+spread over the window so requests finish and free pages; steps that compiled a new shape are left out. The
+device pool leaves each request only `--headroom` tokens to grow, so eviction starts within the window in every
+row: the first three recompute evicted requests (preemption), the last moves their KV to host memory and back.
 Random weights accept nothing meaningful, so verify outcomes are replayed from `--replay` (probabilities of
 accepting 0..k drafts, measured on the real model) — stated in the report.
 

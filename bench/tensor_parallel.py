@@ -4,7 +4,7 @@ For each degree in `--tp` (degrees above this process's device count are skipped
 (vanilla decoding; pillar, k=8, verify outcomes REPLAYED from systems_ablation.DEFAULT_REPLAY because random
 weights accept nothing meaningful), `--batch` requests are placed at `--context` tokens (random K/V generated in
 the pool's sharded layout, no prefill), `--warmup` steps run (compiles) and `--steps` steps are timed; timed
-steps over 3x the median compiled a new shape and are left out (counted). Random weights are made once, kept
+steps that compiled a new shape are left out (counted). Random weights are made once, kept
 on the host, and placed shard by shard by each engine. The device pool holds every request's whole window, so
 nothing is evicted. Reported: tokens/s, scaling efficiency tokens/s(tp) / (tp x tokens/s(1)) per method, and
 pillar/vanilla per degree.
@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 from common import device_description, markdown_table, today, write_result  # noqa: E402
 from sparsespec_jax.benchmark.shapes import QWEN3_8B, placeholder_tokenizer  # noqa: E402
 from sparsespec_jax.benchmark.steady_state import place_at_context  # noqa: E402
-from sparsespec_jax.benchmark.timed_window import COMPILE_FACTOR, acceptance_summary, time_window  # noqa: E402
+from sparsespec_jax.benchmark.timed_window import acceptance_summary, time_window  # noqa: E402
 from sparsespec_jax.config import ModelConfig, param_shapes  # noqa: E402
 from sparsespec_jax.engine import DTYPES, Engine, EngineConfig  # noqa: E402
 from sparsespec_jax.model import random_params  # noqa: E402
@@ -246,8 +246,8 @@ def render(args, device: str, num_devices: int, rows: list[dict], ratios: dict[i
                 fmt(r.get("device_bytes_in_use") and r["device_bytes_in_use"] / 2**30, ".2f")] for r in rows]
     text = (f"# Tensor-parallel scaling — {num_devices} x {device}, {today()}\n\n"
             f"Model {args.model} ({args.dtype}, random weights), batch {args.batch} placed at {args.context} tokens, "
-            f"{args.warmup} warm-up + {args.steps} timed steps per row (steps over {COMPILE_FACTOR:g}x the median "
-            f"excluded), pool holding every request's window (no eviction). Pillar k={args.k}, min budget "
+            f"{args.warmup} warm-up + {args.steps} timed steps per row (steps that compiled a "
+            f"shape excluded), pool holding every request's window (no eviction). Pillar k={args.k}, min budget "
             f"{args.min_budget}; its verify outcomes are REPLAYED from {tuple(args.replay)} (accepted 0..k), not "
             f"computed. Scaling efficiency = tok/s(TP) / (TP x tok/s(TP1)) of the same method. Estimated memory: "
             f"weights + KV pool + slot state. Script: bench/tensor_parallel.py.\n\n")

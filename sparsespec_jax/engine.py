@@ -257,7 +257,9 @@ class Engine:
         buffer, layout = pack((batch,
                                self._sampling_arrays(plan.slot[plan.kind == RowKind.DRAFT], batch.drafts.slot.shape[0]),
                                self._sampling_arrays(plan.slot[plan.emits], batch.emits.slot.shape[0])))
+        shapes_before = self._step_fn._cache_size()
         outputs, self.kv, self.slot_state = self._step_fn(self.state, self.kv, self.slot_state, buffer, layout)
+        compiled = self._step_fn._cache_size() > shapes_before
         outputs.tokens.copy_to_host_async()
         outputs.num_emitted.copy_to_host_async()
         self.scheduler.apply(plan)
@@ -267,10 +269,10 @@ class Engine:
             finished += self._read(previous)            # step t-1 while step t runs
         if self.config.sync_host:
             finished += self._settle()
-        self._record(started, plan)
+        self._record(started, plan, compiled)
         return finished
 
-    def _record(self, started: float, plan: StepPlan | None) -> None:
+    def _record(self, started: float, plan: StepPlan | None, compiled: bool = False) -> None:
         elapsed = (time.perf_counter() - started) * 1e3
         counts = np.bincount(plan.kind, minlength=len(RowKind)) if plan is not None else np.zeros(len(RowKind))
         verifies = int(np.count_nonzero(plan.stalls)) if plan is not None else 0
@@ -280,7 +282,7 @@ class Engine:
             prefill_rows=int(counts[RowKind.PREFILL]), draft_rows=int(counts[RowKind.DRAFT]),
             verify_rows=verifies, decode_rows=int(counts[RowKind.VERIFY]) - verifies, emitted_tokens=self._taken,
             kv_tokens_used=(self.allocator.num_pages - 1 - self.allocator.num_free) * self.config.page_size,
-            kv_tokens_offloaded=self.host_kv.used_tokens))
+            kv_tokens_offloaded=self.host_kv.used_tokens, compiled=compiled))
 
     def _settle(self) -> list[Request]:
         """Read the step in flight (blocking) so every request's state is known to the host."""

@@ -22,6 +22,7 @@ class StepMetrics:
     emitted_tokens: int       # output tokens read back during this iteration
     kv_tokens_used: int       # device KV pool in use (whole pages)
     kv_tokens_offloaded: int  # host KV pool in use
+    compiled: bool = False    # this step's shape was new to the jitted step: its time includes a compile
 
 
 class StepLog:
@@ -39,6 +40,8 @@ class StepLog:
                   "decode_rows")
         out = {f"mean_{name}": round(statistics.fmean(getattr(s, name) for s in self.steps), 3) for name in fields}
         out["steps"] = len(self.steps)
+        out["compiled_shapes"] = sum(s.compiled for s in self.steps)
+        out["compile_steps_s"] = round(sum(s.step_ms for s in self.steps if s.compiled) / 1e3, 3)
         out["peak_kv_tokens_offloaded"] = max(s.kv_tokens_offloaded for s in self.steps)
         return out
 

@@ -37,6 +37,23 @@ def test_capital_of_italy_is_rome(make_engine, smollm2):
     assert smollm2.tokenizer.decode(out).startswith(" Rome")
 
 
+def test_steps_that_compile_are_marked(make_engine, smollm2):
+    """StepMetrics.compiled is exactly the steps whose batch shape was new to the shared jitted step: a second
+    engine of the same configuration running the same requests compiles nothing."""
+    prompts = [smollm2.tokenizer.encode(p) for p in MIXED_PROMPTS[:3]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = make_engine(max_model_len=1000, min_batch_bucket=4)     # shapes no other test compiles
+    shapes_before = first._step_fn._cache_size()
+    generate(first, prompts, params)
+    compiled = [s.step for s in first.metrics.steps if s.compiled]
+    assert compiled and len(compiled) == first._step_fn._cache_size() - shapes_before
+    assert first.metrics.summary()["compiled_shapes"] == len(compiled)
+    second = make_engine(max_model_len=1000, min_batch_bucket=4)
+    generate(second, prompts, params)
+    assert not any(s.compiled for s in second.metrics.steps)
+    assert second.metrics.summary()["compiled_shapes"] == 0
+
+
 @pytest.mark.slow
 def test_batch_invariance_with_chunked_prefill(make_engine, smollm2):
     """Each prompt's greedy output is the same alone and inside a continuously batched, chunk-prefilled batch."""

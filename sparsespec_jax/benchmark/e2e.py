@@ -7,8 +7,8 @@ same requests, one after the other in one process. Two workloads:
 - real: a checkpoint (default the embedded SmolLM2) generates `new_tokens` per chat-templated prompt (a JSONL
   file of {"prompt": ...} lines, reused in order when the batch is larger than the file), at `temperature`
   with per-request seeds, EOS ignored. Output tokens/s over engine time (time spent inside Engine.step).
-  Steps slower than timed_window.COMPILE_FACTOR x the median step compiled a new shape: their count and seconds are
-  reported, the steady rate counts each of them at the median step time, the end-to-end rate as they were.
+  Steps whose batch shape compiled (StepMetrics.compiled): their count and seconds are reported, the steady
+  rate counts each of them at the median step time, the end-to-end rate as they were.
 - shaped: random bf16 weights of a paper-scale shape; the batch is placed at context L with random KV (no
   prefill), `warmup` steps run, then `steps` steps are timed (compile steps left out). Random weights accept
   nothing meaningful, so verify outcomes are REPLAYED from a distribution over 0..k accepted drafts
@@ -54,6 +54,7 @@ WORKLOADS = ("real", "shaped")
 PAGE_SIZE = 16
 PREFILL_CHUNK = 256           # real workload: longest prompt chunk (the committed reasoning prompts fit in one)
 PREFILL_TOKENS = 2048         # real workload: token budget of a step, at least (prefill steps)
+PROGRESS_S = 30.0             # real workload: seconds between progress lines of a running generation
 # Probabilities of accepting 0..8 drafts: the distribution bench/systems_ablation.py replays, noted there as SmolLM2
 # pillar, k = 8, T = 0.6. Its mean is 5.75 accepted drafts per verify; bench/results/acceptance_h200.json measured
 # 5.04 for that setting (2048-token outputs), so replaying it flatters every draft method a little.
@@ -310,9 +311,11 @@ def load_real_model(config: BenchConfig) -> RealModel:
                      loaded.tokenizer, True)
 
 
-def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig, sync: bool, max_tokens: int):
+def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig, sync: bool, max_tokens: int,
+                 log: Callable[[str], None] = print):
     """An engine that ran `max_tokens` per prompt. Limits depend on config.new_tokens only, so the throughput
-    and device windows compile the same shapes; a prompt is prefilled in one chunk of up to PREFILL_CHUNK."""
+    and device windows compile the same shapes; a prompt is prefilled in one chunk of up to PREFILL_CHUNK.
+    Every PROGRESS_S a line says how far it got and how much of that was compiling."""
     batch = len(prompt_ids)
     max_len = max(map(len, prompt_ids)) + config.new_tokens + config.k + 1
     engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
@@ -325,16 +328,25 @@ def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig,
     requests = [engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
                                                        max_tokens=max_tokens, ignore_eos=True))
                 for i, ids in enumerate(prompt_ids)]
+    started = last_report = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
+        if time.perf_counter() - last_report > PROGRESS_S:
+            last_report = time.perf_counter()
+            summary = engine.metrics.summary()
+            log(f"  {method} B{batch}{' sync' if sync else ''}: {last_report - started:.0f} s, "
+                f"step {engine.num_steps}, {sum(len(r.output_ids) for r in requests)} / {batch * max_tokens} tokens, "
+                f"{summary['compiled_shapes']} shapes compiled in {summary['compile_steps_s']:.0f} s")
     return engine, requests
 
 
-def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, config: BenchConfig) -> dict:
+def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, config: BenchConfig,
+                   log: Callable[[str], None] = print) -> dict:
     """Real generation of config.new_tokens per prompt with `method`, then its sync-mode device window."""
     batch = len(prompt_ids)
     prompt_mean = float(np.mean([len(ids) for ids in prompt_ids]))
-    engine, requests = _real_engine(model, prompt_ids, method, config, sync=False, max_tokens=config.new_tokens)
+    engine, requests = _real_engine(model, prompt_ids, method, config, sync=False, max_tokens=config.new_tokens,
+                                    log=log)
     steps = engine.metrics.steps
     steady, compiled, median = compile_split(steps)
     output_tokens = sum(len(r.output_ids) for r in requests)
@@ -360,7 +372,7 @@ def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, c
     del engine, requests, steps, steady, compiled, decode
     gc.collect()                       # the engine holds reference cycles: free its KV pool before the next one
     sync_tokens = min(config.sync_tokens, config.new_tokens)
-    engine, _ = _real_engine(model, prompt_ids, method, config, sync=True, max_tokens=sync_tokens)
+    engine, _ = _real_engine(model, prompt_ids, method, config, sync=True, max_tokens=sync_tokens, log=log)
     decode = [s for s in engine.metrics.steps if not s.prefill_rows]
     if len(decode) > 2 * (config.k + 2):
         decode = decode[config.k + 2:]                 # past the cold-start draft round
@@ -540,6 +552,8 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
                 model = load_real_model(config)
                 prompts = read_prompts(config.prompts)
                 ids = chat_token_ids(model.tokenizer, prompts, config.model)
+                log(f"real workload: {model.name} and {len(prompts)} prompts ready after "
+                    f"{time.perf_counter() - started:.0f} s")
             except Exception as error:             # noqa: BLE001 - the other workload's results still count
                 result["failed"].append({"point": "real workload (model and prompts)",
                                          "error": f"{type(error).__name__}: {error}"[:2000]})
@@ -552,7 +566,7 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
             for batch in config.real_batch:
                 batch_ids = [ids[i % len(ids)] for i in range(batch)]
                 for method in config.methods:
-                    measure(f"real B{batch} {method}", lambda: run_real_point(model, batch_ids, method, config),
+                    measure(f"real B{batch} {method}", lambda: run_real_point(model, batch_ids, method, config, log),
                             model.config, DTYPES[config.real_dtype])
             del model
             gc.collect()

@@ -196,7 +196,7 @@ def markdown(result: dict, targets: list[dict]) -> str:
                   f"chat-templated prompts from {real['prompts']} ({real['distinct_prompts']} distinct, reused in "
                   f"order past that), T={real['temperature']}, seeds {config['seed']}.., EOS ignored, "
                   f"{real['new_tokens']} new tokens per request; acceptance verified for real. tok/s = output "
-                  "tokens over engine time with compile steps (> 3x the median step) counted at the median step; "
+                  "tokens over engine time with compile steps (a new batch shape) counted at the median step; "
                   "e2e tok/s counts them as they were."]
     if shaped:
         groups: dict[str, list[str]] = {}

@@ -1,7 +1,7 @@
 """A timed window of engine steps: warm up, time, leave compile steps out, count verifies by acceptance.
 
-Every benchmark that times steady-state decoding does the same thing; steps far slower than the median compiled
-a new shape and would otherwise be charged to throughput.
+Every benchmark that times steady-state decoding does the same thing; a step whose batch shape compiled would
+otherwise charge its compile to throughput.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ import numpy as np
 from sparsespec_jax.engine import Engine
 from sparsespec_jax.step_metrics import StepMetrics
 
-COMPILE_FACTOR = 3.0          # a step over this many times the median step compiled a new shape
-
-
 def compile_split(steps: list[StepMetrics]) -> tuple[list, list, float]:
-    """(steady steps, compile steps, median step ms): a compile step is over COMPILE_FACTOR x the median."""
-    median = float(np.median([s.step_ms for s in steps]))
-    steady = [s for s in steps if s.step_ms <= COMPILE_FACTOR * median]
-    compiled = [s for s in steps if s.step_ms > COMPILE_FACTOR * median]
+    """(steady steps, compile steps, median ms of the steady steps): a compile step is one whose batch shape was
+    new to the engine's jitted step (StepMetrics.compiled)."""
+    steady = [s for s in steps if not s.compiled]
+    compiled = [s for s in steps if s.compiled]
+    median = float(np.median([s.step_ms for s in steady or steps]))
     return steady, compiled, median
 
 
