@@ -52,6 +52,7 @@ def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host
                           max_model_len=args.context + window + 64, kv_cache_tokens=pool,
                           max_num_batched_tokens=args.batch * (args.k + 1), min_batch_bucket=16,
                           min_context_bucket=args.context, scheduler=scheduler, sync_host=sync_host,
+                          unroll_layers=args.unroll_layers,
                           host_kv_tokens=need if offload else 0)
     spec = SpecConfig(method=method, k=args.k, min_budget=args.min_budget,
                       replay_acceptance=args.replay if method != "none" else None)
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-1.7b-shaped", choices=["qwen3-1.7b-shaped", "small"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--unroll-layers", action="store_true",
+                        help="trace every layer into the step (on a GPU: no per-step weight copy, longer compiles)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=30)
@@ -111,7 +114,8 @@ def main() -> None:
                     f"Model {args.model} ({args.dtype}, random weights), pillar k={args.k}, batch {args.batch} placed "
                     f"at {args.context} tokens, {args.warmup} warm-up + {args.steps} timed steps per row, device "
                     f"pool batch x (context + {args.headroom}) tokens. Verify outcomes REPLAYED from {args.replay} "
-                    f"(accepted 0..k), not computed. Script: bench/systems_ablation.py.\n\n"
+                    f"(accepted 0..k), not computed. Decoder layers "
+                    f"{'unrolled' if args.unroll_layers else 'in a loop'}. Script: bench/systems_ablation.py.\n\n"
                     + markdown_table(header, rows))
         write_result(args.name, {"device": device, "date": today(), "args": vars(args), "rows": results}, markdown)
     print(markdown)

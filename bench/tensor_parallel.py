@@ -124,7 +124,8 @@ def steady_state_config(args, tensor_parallel: int) -> tuple[EngineConfig, int]:
     config = EngineConfig(dtype=args.dtype, attention_backend=args.attention_backend, page_size=PAGE_SIZE,
                           max_batch_size=args.batch, max_model_len=max_len, kv_cache_tokens=args.batch * per_request,
                           max_num_batched_tokens=args.batch * (args.k + 1), min_batch_bucket=min(16, args.batch),
-                          min_context_bucket=max_len, host_kv_tokens=0, tensor_parallel=tensor_parallel)
+                          min_context_bucket=max_len, host_kv_tokens=0, tensor_parallel=tensor_parallel,
+                          unroll_layers=args.unroll_layers)
     return config, new_tokens
 
 
@@ -250,7 +251,8 @@ def render(args, device: str, num_devices: int, rows: list[dict], ratios: dict[i
             f"shape excluded), pool holding every request's window (no eviction). Pillar k={args.k}, min budget "
             f"{args.min_budget}; its verify outcomes are REPLAYED from {tuple(args.replay)} (accepted 0..k), not "
             f"computed. Scaling efficiency = tok/s(TP) / (TP x tok/s(TP1)) of the same method. Estimated memory: "
-            f"weights + KV pool + slot state. Script: bench/tensor_parallel.py.\n\n")
+            f"weights + KV pool + slot state. Decoder layers {'unrolled' if args.unroll_layers else 'in a loop'}. "
+            f"Script: bench/tensor_parallel.py.\n\n")
     if skipped:
         text += f"Skipped degrees {skipped}: more than the {num_devices} device(s) of this host.\n\n"
     if check is not None:
@@ -270,6 +272,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", default="qwen3-8b-shaped", choices=sorted(MODELS))
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--unroll-layers", action="store_true",
+                        help="trace every layer into the step (on a GPU: no per-step weight copy, longer compiles)")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="tensor-parallel degrees")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--context", type=int, default=4096)

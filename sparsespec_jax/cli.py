@@ -45,6 +45,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="host memory pool for offloaded KV, in tokens (0: preempt and recompute instead)")
     parser.add_argument("--profile", type=Path, default=None, help="write per-step metrics (JSONL) here")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel: devices each engine's heads split over")
+    parser.add_argument("--unroll-layers", action="store_true",
+                        help="trace every layer into the step: on a GPU no per-step copy of the weights, at about "
+                             "5x the compile time per batch shape")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +105,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-ratio", type=float, default=None)
     parser.add_argument("--min-budget", type=int, default=None)
     parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--unroll-layers", action="store_true", default=None,
+                        help="trace every layer into the step (on a GPU: no per-step weight copy, longer compiles)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     real = parser.add_argument_group("real workload (a checkpoint generating for real)")
@@ -196,7 +201,8 @@ def make_llm(args):
                kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_model_len=args.max_model_len,
                max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
                attention_backend=args.attention_backend, seed=args.engine_seed, tensor_parallel=args.tp, spec=spec,
-               scheduler=args.scheduler, sync_host=args.sync, host_kv_tokens=args.host_kv_tokens)
+               scheduler=args.scheduler, sync_host=args.sync, host_kv_tokens=args.host_kv_tokens,
+               unroll_layers=args.unroll_layers)
 
 
 def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
@@ -361,7 +367,8 @@ def run_convert(args) -> int:
     return EXIT_OK
 
 
-BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "attention_backend", "temperature", "seed",
+BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "attention_backend", "unroll_layers",
+                "temperature", "seed",
                 "model", "real_random_shape", "prompts", "real_batch", "new_tokens", "real_dtype", "sync_tokens",
                 "shape", "shaped_batch", "contexts", "warmup", "steps", "sync_steps", "prompt_length",
                 "output_lengths", "copy_mib", "attention_reps", "time_budget_s")

@@ -134,6 +134,7 @@ class Engine:
                             unroll_layers=config.unroll_layers)
         self.graphdef, self.state = nnx.split(model)
         self._step_fn = make_step_fn(self.graphdef, spec, self.backend)
+        self._compiled_shapes = self._step_fn._cache_size        # grows when a step compiles a new shape
         self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.width = k + 1
@@ -257,9 +258,9 @@ class Engine:
         buffer, layout = pack((batch,
                                self._sampling_arrays(plan.slot[plan.kind == RowKind.DRAFT], batch.drafts.slot.shape[0]),
                                self._sampling_arrays(plan.slot[plan.emits], batch.emits.slot.shape[0])))
-        shapes_before = self._step_fn._cache_size()
+        shapes_before = self._compiled_shapes()
         outputs, self.kv, self.slot_state = self._step_fn(self.state, self.kv, self.slot_state, buffer, layout)
-        compiled = self._step_fn._cache_size() > shapes_before
+        compiled = self._compiled_shapes() > shapes_before
         outputs.tokens.copy_to_host_async()
         outputs.num_emitted.copy_to_host_async()
         self.scheduler.apply(plan)

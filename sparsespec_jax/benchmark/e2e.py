@@ -80,6 +80,7 @@ class BenchConfig:
     budget_ratio: float = 0.05
     min_budget: int = 128
     attention_backend: str = "auto"
+    unroll_layers: bool = False                      # EngineConfig.unroll_layers of every engine
     temperature: float = 0.6
     seed: int = 0
     # real workload
@@ -319,6 +320,7 @@ def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig,
     batch = len(prompt_ids)
     max_len = max(map(len, prompt_ids)) + config.new_tokens + config.k + 1
     engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
+                                 unroll_layers=config.unroll_layers,
                                  max_batch_size=batch, max_model_len=max_len,
                                  kv_cache_tokens=batch * (max_len + config.k + PAGE_SIZE),
                                  max_num_batched_tokens=max(batch * (config.k + 1), PREFILL_TOKENS),
@@ -400,6 +402,7 @@ def _placed_engine(cfg: ModelConfig, params, batch: int, context: int, method: s
     headroom = shaped_headroom(method, config)
     max_len = max(config.contexts) + headroom
     engine_config = EngineConfig(dtype="bfloat16", attention_backend=config.attention_backend,
+                                 unroll_layers=config.unroll_layers,
                                  max_batch_size=batch, max_model_len=max_len,
                                  kv_cache_tokens=batch * (max_len + PAGE_SIZE) + config.k,
                                  max_num_batched_tokens=batch * (config.k + 1), page_size=PAGE_SIZE,
