@@ -238,7 +238,8 @@ def format_summary(summary: dict[str, Any], finish_reason: str | None = None) ->
     parts.append(f"tokens/step={summary['tokens_per_step']}")
     steps = summary["step_metrics"]
     if steps:
-        parts.append(f"host {steps['mean_host_ms']} ms/step, waiting {steps['mean_wait_ms']} ms/step")
+        parts.append(f"host {steps['mean_host_ms']} ms/step (dispatch {steps['mean_dispatch_ms']}), waiting "
+                     f"{steps['mean_wait_ms']} ms/step")
     if summary["preemptions"] or summary["kv_offloads"]:
         parts.append(f"kv_offloads={summary['kv_offloads']} preemptions={summary['preemptions']}")
     if finish_reason:

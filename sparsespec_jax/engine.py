@@ -241,7 +241,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one engine iteration; return the requests whose completion the host learned of in it."""
         started = time.perf_counter()
-        self._waited, self._taken = 0.0, 0
+        self._waited, self._taken, self._dispatch_s = 0.0, 0, 0.0
         finished: list[Request] = []
         self.host_kv.poll()
         if self._in_flight is not None and self.scheduler.pages_short():
@@ -258,8 +258,9 @@ class Engine:
         buffer, layout = pack((batch,
                                self._sampling_arrays(plan.slot[plan.kind == RowKind.DRAFT], batch.drafts.slot.shape[0]),
                                self._sampling_arrays(plan.slot[plan.emits], batch.emits.slot.shape[0])))
-        shapes_before = self._compiled_shapes()
+        shapes_before, dispatched = self._compiled_shapes(), time.perf_counter()
         outputs, self.kv, self.slot_state = self._step_fn(self.state, self.kv, self.slot_state, buffer, layout)
+        self._dispatch_s = time.perf_counter() - dispatched
         compiled = self._compiled_shapes() > shapes_before
         outputs.tokens.copy_to_host_async()
         outputs.num_emitted.copy_to_host_async()
@@ -278,7 +279,8 @@ class Engine:
         counts = np.bincount(plan.kind, minlength=len(RowKind)) if plan is not None else np.zeros(len(RowKind))
         verifies = int(np.count_nonzero(plan.stalls)) if plan is not None else 0
         self.metrics.add(StepMetrics(
-            step=self.num_steps, host_ms=elapsed - self._waited * 1e3, wait_ms=self._waited * 1e3,
+            step=self.num_steps, host_ms=elapsed - self._waited * 1e3, dispatch_ms=self._dispatch_s * 1e3,
+            wait_ms=self._waited * 1e3,
             step_ms=elapsed, tokens=int(plan.num_tokens.sum()) if plan is not None else 0,
             prefill_rows=int(counts[RowKind.PREFILL]), draft_rows=int(counts[RowKind.DRAFT]),
             verify_rows=verifies, decode_rows=int(counts[RowKind.VERIFY]) - verifies, emitted_tokens=self._taken,

@@ -210,11 +210,16 @@ class Scheduler:
             proposals = np.zeros((len(slots), policy.k), np.int32)
             num_drafts = np.zeros(len(slots), np.int64)
             for i, slot in enumerate(slots):
-                if table.pending[slot] == 0 and room[i] > 1:
-                    drafts = policy.propose(table.requests[slot].all_ids, min(policy.k, int(room[i]) - 1))
+                # A row without drafts flows on like plain decoding, so its newest token may still be on the
+                # device (unread = 1). The continuation's first token then guesses it and the drafts follow
+                # the guess; a wrong guess only costs acceptance, since the verify checks every draft.
+                unread = int(table.pending[slot])
+                if unread <= 1 and room[i] > 1:
+                    wanted = min(policy.k, int(room[i]) - 1)
+                    drafts = policy.propose(table.requests[slot].all_ids, wanted + unread)[unread:]
                     proposals[i, :len(drafts)], num_drafts[i] = drafts, len(drafts)
             return _plan(slots, RowKind.VERIFY, start, num_drafts + 1, num_drafts=num_drafts, cycle_start=start,
-                         emits=True, stalls=True, proposals=proposals)
+                         emits=True, stalls=num_drafts > 0, proposals=proposals)
         new = table.draft_index[slots] < 0
         num_drafts = np.where(new, np.minimum(policy.k, room - 1), table.cycle_drafts[slots])
         draft_index = np.where(new, 0, table.draft_index[slots])

@@ -12,6 +12,7 @@ from pathlib import Path
 class StepMetrics:
     step: int
     host_ms: float            # planning, batch building, dispatch and result processing (no waiting)
+    dispatch_ms: float        # of host_ms: inside the jitted step's call (argument handling, enqueueing)
     wait_ms: float            # blocked on device results
     step_ms: float            # wall time of the engine iteration
     tokens: int               # query tokens fed
@@ -36,7 +37,7 @@ class StepLog:
         """Means over steps (empty when no step ran)."""
         if not self.steps:
             return {}
-        fields = ("host_ms", "wait_ms", "step_ms", "tokens", "prefill_rows", "draft_rows", "verify_rows",
+        fields = ("host_ms", "dispatch_ms", "wait_ms", "step_ms", "tokens", "prefill_rows", "draft_rows", "verify_rows",
                   "decode_rows")
         out = {f"mean_{name}": round(statistics.fmean(getattr(s, name) for s in self.steps), 3) for name in fields}
         out["steps"] = len(self.steps)

@@ -136,8 +136,8 @@ def test_bytes_per_step_by_hand():
 
 def test_composition_of_steps_and_attention_timing():
     def step(draft, verify, decode, tokens):
-        return StepMetrics(step=0, host_ms=1.0, wait_ms=1.0, step_ms=2.0, tokens=tokens, prefill_rows=0,
-                           draft_rows=draft, verify_rows=verify, decode_rows=decode, emitted_tokens=1,
+        return StepMetrics(step=0, host_ms=1.0, dispatch_ms=0.5, wait_ms=1.0, step_ms=2.0, tokens=tokens,
+                           prefill_rows=0, draft_rows=draft, verify_rows=verify, decode_rows=decode, emitted_tokens=1,
                            kv_tokens_used=0, kv_tokens_offloaded=0)
 
     composition = roofline.StepComposition.of_steps([step(7, 1, 0, 16), step(5, 3, 1, 33)], context=300)

@@ -364,6 +364,7 @@ def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, c
         "tokens_per_step": output_tokens / len(steps),
         "step_ms": float(np.mean([s.step_ms for s in decode])) if decode else median,
         "host_ms": float(np.mean([s.host_ms for s in steady])),
+        "dispatch_ms": float(np.mean([s.dispatch_ms for s in steady])),
         "kv_tokens_used_mean": float(np.mean([s.kv_tokens_used for s in steps])),
         "kv_tokens_used_max": max(s.kv_tokens_used for s in steps),
         "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
@@ -427,6 +428,7 @@ def run_shaped_point(cfg: ModelConfig, params, batch: int, context: int, method:
         "compile_steps": len(compiled), "compile_s": sum(s.step_ms for s in compiled) / 1e3,
         "median_step_ms": median, "step_ms": 1e3 * seconds / len(steady), "tokens_per_s": emitted / seconds,
         "tokens_per_step": emitted / len(steady), "host_ms": float(np.mean([s.host_ms for s in steady])),
+        "dispatch_ms": float(np.mean([s.dispatch_ms for s in steady])),
         "wait_ms": float(np.mean([s.wait_ms for s in steady])),
         "kv_tokens_used_mean": float(np.mean([s.kv_tokens_used for s in timed])),
         "kv_tokens_used_max": max(s.kv_tokens_used for s in timed),
@@ -545,7 +547,8 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
             update()
             on_point(result)
         log(f"{label}: {point['tokens_per_s']:.1f} tok/s, {point['tokens_per_step']:.2f} tok/step, "
-            f"accepted/verify {point['accepted_per_verify']:.2f}, host {point['host_ms']:.2f} ms, device "
+            f"accepted/verify {point['accepted_per_verify']:.2f}, host {point['host_ms']:.2f} ms (dispatch "
+            f"{point['dispatch_ms']:.2f}), device "
             f"{point['device_ms']:.2f} ms (attention {point['attention_ms']:.2f}), roofline "
             f"{point['roofline_fraction']:.0%}")
 

@@ -143,7 +143,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 POINT_HEADER = ["point", "method", "tok/s", "e2e tok/s", "x vanilla", "tok/step", "acc/verify", "host ms",
-                "step ms", "device ms", "attention ms", "GEMM/other ms", "roofline ms", "% roofline",
+                "dispatch ms", "step ms", "device ms", "attention ms", "GEMM/other ms", "roofline ms", "% roofline",
                 "mem GiB (in use / peak)", "KV tokens", "compile steps (s)", "evictions"]
 
 
@@ -157,7 +157,8 @@ def point_rows(result: dict) -> list[list]:
                          f"{p['tokens_per_s_e2e']:.1f}" if "tokens_per_s_e2e" in p else "-",
                          f"{p['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-",
                          _fmt(p["tokens_per_step"]), _fmt(p["accepted_per_verify"]), _fmt(p["host_ms"]),
-                         _fmt(p["step_ms"]), _fmt(p["device_ms"]), _fmt(p["attention_ms"]), _fmt(p["gemm_other_ms"]),
+                         _fmt(p["dispatch_ms"]), _fmt(p["step_ms"]), _fmt(p["device_ms"]), _fmt(p["attention_ms"]),
+                         _fmt(p["gemm_other_ms"]),
                          _fmt(p["roofline_ms"]), f"{p['roofline_fraction']:.0%}",
                          " / ".join("-" if memory[name] is None else f"{memory[name] / 2 ** 30:.1f}"
                                     for name in ("bytes_in_use", "peak_bytes_in_use")),
@@ -213,7 +214,9 @@ def markdown(result: dict, targets: list[dict]) -> str:
         if "ngram" in shaped["replay"]:
             lines += ["- shaped n-gram: it proposes continuations of earlier occurrences in the request's own tokens, "
                       "which are random here, so it rarely has drafts to verify (its acc/verify shows how often)."]
-    lines += ["- device ms: median wait of a sync-mode engine's steps (the host blocks right after dispatching "
+    lines += ["- host ms: the engine's own time per step, not waiting for the device (in async mode it overlaps "
+              "the device's); dispatch ms: the part of it spent inside the jitted step's call.",
+              "- device ms: median wait of a sync-mode engine's steps (the host blocks right after dispatching "
               f"each step; {config['sync_steps']} steps after a k+2-step warm-up for shaped points, the decode "
               f"steps of a {config['sync_tokens']}-token generation for real ones). attention ms: the step's "
               "attention dispatches alone (all layers, random queries) at that window's mean composition; pillar "
