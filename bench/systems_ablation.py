@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import device_description, markdown_table, today, write_result
-from sparsespec_jax.benchmark.shapes import QWEN3_1_7B, placeholder_tokenizer
+from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.benchmark.timed_window import acceptance_summary, time_window
 from sparsespec_jax.config import ModelConfig
@@ -78,7 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", default="systems_ablation")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="row indices to run (default: all)")
-    parser.add_argument("--model", default="qwen3-1.7b-shaped", choices=["qwen3-1.7b-shaped", "small"])
+    parser.add_argument("--model", default="qwen3-1.7b-shaped", choices=[*SHAPES, "small"],
+                        help="random weights of this shape (acceptance is replayed, so weights do not matter)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--unroll-layers", action="store_true",
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--headroom", type=int, default=32, help="tokens each request may grow before eviction")
     parser.add_argument("--replay", type=float, nargs="*", default=DEFAULT_REPLAY)
     args = parser.parse_args()
-    cfg = QWEN3_1_7B if args.model == "qwen3-1.7b-shaped" else SMALL
+    cfg = SHAPES.get(args.model, SMALL)
     params = random_params(cfg, seed=0, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     tokenizer = placeholder_tokenizer()
     header = ["configuration", "tok/s", "x naive", "host ms/step", "waiting ms/step", "step ms", "tokens/step",

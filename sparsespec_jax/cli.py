@@ -119,7 +119,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     real.add_argument("--real-dtype", choices=["float32", "bfloat16"], default=None)
     real.add_argument("--sync-tokens", type=int, default=None, help="tokens per request of the device-time window")
     shaped = parser.add_argument_group("shaped workload (random weights placed at a context, replayed acceptance)")
-    shaped.add_argument("--shape", default=None, help="qwen3-1.7b-shaped, qwen3-8b-shaped or tiny-shaped")
+    shaped.add_argument("--shape", default=None,
+                        help="qwen3-1.7b-shaped, qwen3-8b-shaped, smollm2-shaped or tiny-shaped")
     shaped.add_argument("--shaped-batch", nargs="+", type=int, default=None)
     shaped.add_argument("--contexts", nargs="+", type=int, default=None)
     shaped.add_argument("--warmup", type=int, default=None)

@@ -19,7 +19,13 @@ QWEN3_8B = ModelConfig(arch="qwen3", vocab_size=151936, hidden_size=4096, interm
                        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
                        tie_word_embeddings=False, qk_norm=True, max_position_embeddings=40960,
                        eos_token_ids=(151645,))
-SHAPES = {"qwen3-1.7b-shaped": QWEN3_1_7B, "qwen3-8b-shaped": QWEN3_8B}
+# SmolLM2-135M-Instruct's configuration, for systems measurements that replay acceptance anyway and so need
+# its shape, not its weights.
+SMOLLM2_135M = ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                           num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1e5, rms_norm_eps=1e-5,
+                           tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1,
+                           eos_token_ids=(2,))
+SHAPES = {"qwen3-1.7b-shaped": QWEN3_1_7B, "qwen3-8b-shaped": QWEN3_8B, "smollm2-shaped": SMOLLM2_135M}
 
 
 def placeholder_tokenizer() -> Tokenizer:
