@@ -107,6 +107,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--unroll-layers", action="store_true", default=None,
                         help="trace every layer into the step (on a GPU: no per-step weight copy, longer compiles)")
+    parser.add_argument("--min-batch-bucket", type=int, default=None,
+                        help="fewest rows a compiled step group has: fewer compiled shapes, more padded rows")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     real = parser.add_argument_group("real workload (a checkpoint generating for real)")
@@ -370,7 +372,7 @@ def run_convert(args) -> int:
 
 
 BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "attention_backend", "unroll_layers",
-                "temperature", "seed",
+                "min_batch_bucket", "temperature", "seed",
                 "model", "real_random_shape", "prompts", "real_batch", "new_tokens", "real_dtype", "sync_tokens",
                 "shape", "shaped_batch", "contexts", "warmup", "steps", "sync_steps", "prompt_length",
                 "output_lengths", "copy_mib", "attention_reps", "time_budget_s")

@@ -81,6 +81,7 @@ class BenchConfig:
     min_budget: int = 128
     attention_backend: str = "auto"
     unroll_layers: bool = False                      # EngineConfig.unroll_layers of every engine
+    min_batch_bucket: int = 8                        # EngineConfig.min_batch_bucket: fewer compiles vs padding
     temperature: float = 0.6
     seed: int = 0
     # real workload
@@ -110,7 +111,7 @@ class BenchConfig:
         _check_choices("workloads", self.workloads, WORKLOADS)
         _check_choices("methods", self.methods, METHODS)
         for name in ("k", "min_budget", "new_tokens", "sync_tokens", "steps", "sync_steps", "prompt_length",
-                     "copy_mib", "attention_reps"):
+                     "copy_mib", "attention_reps", "min_batch_bucket"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"bench {name}: must be a positive integer, got {value!r}")
@@ -320,7 +321,7 @@ def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig,
     batch = len(prompt_ids)
     max_len = max(map(len, prompt_ids)) + config.new_tokens + config.k + 1
     engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
-                                 unroll_layers=config.unroll_layers,
+                                 unroll_layers=config.unroll_layers, min_batch_bucket=config.min_batch_bucket,
                                  max_batch_size=batch, max_model_len=max_len,
                                  kv_cache_tokens=batch * (max_len + config.k + PAGE_SIZE),
                                  max_num_batched_tokens=max(batch * (config.k + 1), PREFILL_TOKENS),
@@ -403,7 +404,7 @@ def _placed_engine(cfg: ModelConfig, params, batch: int, context: int, method: s
     headroom = shaped_headroom(method, config)
     max_len = max(config.contexts) + headroom
     engine_config = EngineConfig(dtype="bfloat16", attention_backend=config.attention_backend,
-                                 unroll_layers=config.unroll_layers,
+                                 unroll_layers=config.unroll_layers, min_batch_bucket=config.min_batch_bucket,
                                  max_batch_size=batch, max_model_len=max_len,
                                  kv_cache_tokens=batch * (max_len + PAGE_SIZE) + config.k,
                                  max_num_batched_tokens=batch * (config.k + 1), page_size=PAGE_SIZE,
