@@ -5,7 +5,9 @@ and `lax.top_k`. Shapes: Qwen3-8B-like (Hq 32, Hkv 8, D 128) and SmolLM2 (Hq 9, 
 Each timing is the median over repetitions of a jitted call that runs the op on several input sets back to
 back (different queries and page tables, so nothing is cached or deduplicated), divided by the set count.
 "Effective TB/s" counts the bytes that must be read: K+V of every attended position (K only for scores,
-the float32 scores for top-K) over the time; for the KV write, the bytes written.
+the float32 scores for top-K) over the time; for the KV write, the bytes written. The device's copy bandwidth
+(a jitted x * 2 over 1 GiB: read + write bytes over the time) is measured first in the same run, and every
+rate is also given as a fraction of it.
 
 Sections: "kernels" (each kernel alone, variant sweeps, peers), "mixed" (a unified-scheduler step at k = 8:
 1/(k+1) of the rows verify, the rest draft over 5% of the context; the unified launch against the separate
@@ -13,6 +15,8 @@ draft + verify launches) and "kv_write" (the per-step scatter of new K/V into th
 jit that also runs the step's attention).
 
     python bench/kernels.py [--budget-s 300] [--out results.md] [--sections kernels mixed kv_write]
+
+With --out, the rows also go to the same path with a .json suffix.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import json
 import statistics
 import sys
 import time
@@ -37,6 +42,7 @@ from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_page
 from pallas_kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_reference  # noqa: E402
 from pallas_kernels.topk_select import topk_select  # noqa: E402
 from pallas_kernels.unified_attention import unified_attention, unified_attention_reference  # noqa: E402
+from sparsespec_jax.benchmark.roofline import copy_bandwidth  # noqa: E402
 
 MODELS = {"qwen3-8b": dict(hq=32, hkv=8, d=128, layers=36), "smollm2": dict(hq=9, hkv=3, d=64, layers=30)}
 PAGE_SIZE = 16
@@ -58,6 +64,9 @@ SCORE_VARIANTS = [DEFAULTS, (64, 4, 2, None), (64, 4, 2, 2), (128, 4, 2, None), 
                   (32, 4, 3, None)]
 TOPK_WARPS = [4, 8]
 MIX_BATCHES = (64, 128)
+# Qwen3-8B-like shapes timed with the chosen configurations, after the sweep at B64 S8k (most wanted first: the
+# time budget may cut the tail).
+GRID = [(b, s) for s in (8192, 4096, 16384) for b in (32, 64, 128) if (b, s) != (64, 8192)]
 MIX_SEQ = 8192
 MIX_SETS = 16                       # input sets per timed call: a mixed step takes only ~0.2 ms
 UNIFIED_SPEEDUP_TARGET = 1.2
@@ -527,8 +536,9 @@ def comparison_sections(bench):
     return lines
 
 
-def summary(bench):
-    lines = ["| op | model | shape | impl | config | ms | eff. TB/s | note |", "|---|---|---|---|---|---|---|---|"]
+def summary(bench, copy_tbps: float):
+    lines = ["| op | model | shape | impl | config | ms | eff. TB/s | of copy bw | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for op, model, shape, impl, config, ms, tbps, note in bench.rows:
         slot = (op, model, shape, impl)
@@ -538,7 +548,8 @@ def summary(bench):
             best[slot] = (op, model, shape, impl, config, ms, tbps, note)
     for op, model, shape, impl, config, ms, tbps, note in best.values():
         lines.append(f"| {op} | {model} | {shape} | {impl} | {config} | {'-' if ms is None else f'{ms:.3f}'} | "
-                     f"{'-' if tbps is None else f'{tbps:.2f}'} | {note} |")
+                     f"{'-' if tbps is None else f'{tbps:.2f}'} | {'-' if tbps is None else f'{tbps / copy_tbps:.0%}'} "
+                     f"| {note} |")
     return "\n".join(lines)
 
 
@@ -553,7 +564,9 @@ def main():
         raise SystemExit(f"bench/kernels.py needs a GPU; the default JAX backend is {jax.default_backend()!r}")
     device = jax.devices()[0]
     bench = Bench(Deadline(args.budget_s))
-    print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
+    copy = copy_bandwidth(1 << 30)
+    copy_tbps = copy["bytes_per_s"] / 1e12
+    print(f"device: {device.device_kind}, jax {jax.__version__}, copy bandwidth {copy_tbps:.2f} TB/s", flush=True)
 
     # Most important first: the time budget may cut the tail.
     chosen = {}
@@ -565,14 +578,17 @@ def main():
         run_kv_write(bench, "qwen3-8b", MIX_BATCHES, MIX_SEQ)
     if "kernels" in args.sections:
         run_topk(bench, "qwen3-8b", sweep=True)
-        run_model(bench, "qwen3-8b", [(32, 4096), (64, 4096), (32, 8192)], sweep=False, peers=False, chosen=chosen)
+        run_model(bench, "qwen3-8b", GRID, sweep=False, peers=False, chosen=chosen)
         run_model(bench, "smollm2", [(64, 8192), (32, 4096)], sweep=False, peers=True)
         run_topk(bench, "smollm2", sweep=False)
 
-    table = summary(bench)
+    table = summary(bench, copy_tbps)
+    today = datetime.date.today().isoformat()
     report = "\n".join([
-        f"# Kernel benchmark, {datetime.date(2026, 11, 28).isoformat()}, {device.device_kind} (jax {jax.__version__})",
-        "", f"Chosen Qwen3-8B configs: {', '.join(f'{k}: {variant_name(v)}' for k, v in chosen.items()) or '-'}", "",
+        f"# Kernel benchmark, {today}, {device.device_kind} (jax {jax.__version__})", "",
+        f"Copy bandwidth in this run: {copy_tbps:.2f} TB/s (jitted x * 2 over 1 GiB, read + write bytes over the "
+        "median time).", "",
+        f"Chosen Qwen3-8B configs: {', '.join(f'{k}: {variant_name(v)}' for k, v in chosen.items()) or '-'}", "",
         *comparison_sections(bench),
         "## All timings", "", "```",
         *(f"{r[0]} {r[1]} {r[2]} {r[3]} {r[4]} "
@@ -582,6 +598,11 @@ def main():
         "## Best per (op, shape, implementation)", "", table, ""])
     if args.out:
         args.out.write_text(report)
+        fields = ("op", "model", "shape", "impl", "config", "ms", "tbps", "note")
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"date": today, "device": device.device_kind, "jax": jax.__version__, "copy_bandwidth": copy,
+             "rows": [dict(zip(fields, row)) for row in bench.rows], "mixed": bench.mixed,
+             "kv_write": bench.kv_write}, indent=1))
     print("\n" + table)
     print("\n".join(comparison_sections(bench)))
 
