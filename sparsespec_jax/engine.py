@@ -160,7 +160,8 @@ class Engine:
         self.num_restores = 0
         self.acceptance_counts = np.zeros(k + 1, np.int64)   # verifies by number of drafts accepted
         self._in_flight: _InFlight | None = None
-        self._waited, self._taken = 0.0, 0         # per iteration: seconds blocked on results, tokens read
+        # Per iteration: seconds blocked on results, tokens read, seconds inside the jitted call.
+        self._waited, self._taken, self._dispatch_s = 0.0, 0, 0.0
         self._num_requests = 0
         self.num_steps = 0
 
