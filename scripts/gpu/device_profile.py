@@ -60,7 +60,8 @@ def profile(method: str, params, trace_dir: str, steps: int = 20) -> None:
     window = engine.metrics.steps[-steps:]
     device_ms = sum(totals.values()) / 1e6 / steps
     print(f"\n== {method}: device kernels {device_ms:.2f} ms/step, wall {np.mean([s.step_ms for s in window]):.2f} "
-          f"ms/step, tokens/step {np.mean([s.tokens for s in window]):.0f}")
+          f"ms/step (host {np.mean([s.host_ms for s in window]):.2f}, of it dispatch "
+          f"{np.mean([s.dispatch_ms for s in window]):.2f}), tokens/step {np.mean([s.tokens for s in window]):.0f}")
     for name, ns in totals.most_common(25):
         print(f"  {ns / 1e6 / steps:8.3f} ms  {100 * ns / sum(totals.values()):5.1f}%  {name[:110]}")
 
