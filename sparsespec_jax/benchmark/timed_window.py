@@ -13,6 +13,7 @@ import numpy as np
 from sparsespec_jax.engine import Engine
 from sparsespec_jax.step_metrics import StepMetrics
 
+
 def compile_split(steps: list[StepMetrics]) -> tuple[list, list, float]:
     """(steady steps, compile steps, median ms of the steady steps): a compile step is one whose batch shape was
     new to the engine's jitted step (StepMetrics.compiled)."""
