@@ -73,71 +73,73 @@ def _topk_select_kernel(k_ref, scores_ref, out_ref, *, num_positions, chunk, num
     def count(condition):
         return lambda *halves: sum(jnp.sum(condition(h).astype(jnp.int32)) for h in halves)
 
-    one_chunk = num_chunks == 1
-    resident_keys = load_keys(0) if one_chunk else None
-    negative_threshold = row_sum(count(lambda keys: keys >= 0), load_keys, resident_keys) < wanted
+    # Rows that want nothing (padding rows, rows without a refresh) skip the search: only the zero fill runs.
+    @pl.when(wanted > 0)
+    def _select():
+        one_chunk = num_chunks == 1
+        resident_keys = load_keys(0) if one_chunk else None
+        negative_threshold = row_sum(count(lambda keys: keys >= 0), load_keys, resident_keys) < wanted
 
-    def magnitudes(keys):
-        """Order-preserving 31-bit keys within the threshold's sign; the other sign saturates (padding -> 0)."""
-        return jnp.where(negative_threshold, jnp.where(keys >= 0, INT31_MAX, keys & INT31_MAX),
-                         jnp.maximum(keys, 0))
+        def magnitudes(keys):
+            """Order-preserving 31-bit keys within the threshold's sign; the other sign saturates (padding -> 0)."""
+            return jnp.where(negative_threshold, jnp.where(keys >= 0, INT31_MAX, keys & INT31_MAX),
+                             jnp.maximum(keys, 0))
 
-    def chunk_magnitudes(index):
-        return tuple(map(magnitudes, load_keys(index)))
+        def chunk_magnitudes(index):
+            return tuple(map(magnitudes, load_keys(index)))
 
-    resident_magnitudes = tuple(map(magnitudes, resident_keys)) if one_chunk else None
+        resident_magnitudes = tuple(map(magnitudes, resident_keys)) if one_chunk else None
 
-    def search_field(packed_words):
-        """Largest 15-bit value v with at least `wanted` packed fields >= v."""
-        resident_words = packed_words(*resident_magnitudes) if one_chunk else None
+        def search_field(packed_words):
+            """Largest 15-bit value v with at least `wanted` packed fields >= v."""
+            resident_words = packed_words(*resident_magnitudes) if one_chunk else None
 
-        def words_of_chunk(index):
-            return (packed_words(*chunk_magnitudes(index)),)
+            def words_of_chunk(index):
+                return (packed_words(*chunk_magnitudes(index)),)
 
-        def add_bit(i, found):
-            candidate = found | lax.shift_left(jnp.int32(1), 14 - i)
-            at_least = row_sum(lambda words: _count_packed_at_least(words, candidate), words_of_chunk,
-                               None if resident_words is None else (resident_words,))
-            return jnp.where(at_least >= wanted, candidate, found)
+            def add_bit(i, found):
+                candidate = found | lax.shift_left(jnp.int32(1), 14 - i)
+                at_least = row_sum(lambda words: _count_packed_at_least(words, candidate), words_of_chunk,
+                                   None if resident_words is None else (resident_words,))
+                return jnp.where(at_least >= wanted, candidate, found)
 
-        return lax.fori_loop(0, 15, add_bit, jnp.int32(0))
+            return lax.fori_loop(0, 15, add_bit, jnp.int32(0))
 
-    high = search_field(lambda first, second: _pack_fields(first >> 16, second >> 16))
+        high = search_field(lambda first, second: _pack_fields(first >> 16, second >> 16))
 
-    def low_field(magnitude):
-        field = magnitude >> 16
-        return jnp.where(field > high, FIELD_MAX, jnp.where(field == high, (magnitude >> 1) & FIELD_MAX, 0))
+        def low_field(magnitude):
+            field = magnitude >> 16
+            return jnp.where(field > high, FIELD_MAX, jnp.where(field == high, (magnitude >> 1) & FIELD_MAX, 0))
 
-    low = search_field(lambda first, second: _pack_fields(low_field(first), low_field(second)))
-    with_bit0 = lax.shift_left(high, 16) | lax.shift_left(low, 1) | 1
-    keep_bit0 = row_sum(count(lambda m: m >= with_bit0), chunk_magnitudes, resident_magnitudes) >= wanted
-    magnitude_threshold = jnp.where(keep_bit0, with_bit0, with_bit0 - 1)
-    threshold = jnp.where(negative_threshold, magnitude_threshold | INT32_MIN, magnitude_threshold)
+        low = search_field(lambda first, second: _pack_fields(low_field(first), low_field(second)))
+        with_bit0 = lax.shift_left(high, 16) | lax.shift_left(low, 1) | 1
+        keep_bit0 = row_sum(count(lambda m: m >= with_bit0), chunk_magnitudes, resident_magnitudes) >= wanted
+        magnitude_threshold = jnp.where(keep_bit0, with_bit0, with_bit0 - 1)
+        threshold = jnp.where(negative_threshold, magnitude_threshold | INT32_MIN, magnitude_threshold)
 
-    # Selection works on the signed keys again (re-read: the row is still in cache).
-    final_keys = load_keys(0) if one_chunk else None
-    ties_wanted = wanted - row_sum(count(lambda keys: keys > threshold), load_keys, final_keys)
-    any_wanted = wanted > 0
+        # Selection works on the signed keys again (re-read: the row is still in cache).
+        final_keys = load_keys(0) if one_chunk else None
+        ties_wanted = wanted - row_sum(count(lambda keys: keys > threshold), load_keys, final_keys)
 
-    def write_half(positions, live, keys, ties_before, written_before):
-        tie = (keys == threshold) & live & any_wanted
-        tie_rank = ties_before + lax.cumsum(tie.astype(jnp.int32), axis=0)
-        chosen = ((keys > threshold) & live & any_wanted) | (tie & (tie_rank <= ties_wanted))
-        chosen_count = chosen.astype(jnp.int32)
-        slot = written_before + lax.cumsum(chosen_count, axis=0) - 1
-        # Unchosen lanes point past the end so they alias no chosen one (interpret mode writes them).
-        plgpu.store(out_ref.at[row, head, jnp.where(chosen, slot, max_k)], positions, mask=chosen)
-        return ties_before + jnp.sum(tie.astype(jnp.int32)), written_before + jnp.sum(chosen_count)
+        def write_half(positions, live, keys, ties_before, written_before):
+            tie = (keys == threshold) & live
+            tie_rank = ties_before + lax.cumsum(tie.astype(jnp.int32), axis=0)
+            chosen = ((keys > threshold) & live) | (tie & (tie_rank <= ties_wanted))
+            chosen_count = chosen.astype(jnp.int32)
+            slot = written_before + lax.cumsum(chosen_count, axis=0) - 1
+            # Unchosen lanes point past the end so they alias no chosen one (interpret mode writes them).
+            plgpu.store(out_ref.at[row, head, jnp.where(chosen, slot, max_k)], positions, mask=chosen)
+            return ties_before + jnp.sum(tie.astype(jnp.int32)), written_before + jnp.sum(chosen_count)
 
-    def write_chunk(index, carry):
-        for which in (0, 1):
-            positions, live, keys = load_half(index, which)
-            if final_keys is not None:
-                keys = final_keys[which]
-            carry = write_half(positions, live, keys, *carry)
-        return carry
+        def write_chunk(index, carry):
+            for which in (0, 1):
+                positions, live, keys = load_half(index, which)
+                if final_keys is not None:
+                    keys = final_keys[which]
+                carry = write_half(positions, live, keys, *carry)
+            return carry
 
-    lax.fori_loop(0, num_chunks, write_chunk, (jnp.int32(0), jnp.int32(0)))
+        lax.fori_loop(0, num_chunks, write_chunk, (jnp.int32(0), jnp.int32(0)))
 
     pad_width = min(PAD_CHUNK, next_power_of_2(max_k))
     for start in range(0, max_k, pad_width):
