@@ -46,8 +46,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", type=Path, default=None, help="write per-step metrics (JSONL) here")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel: devices each engine's heads split over")
     parser.add_argument("--unroll-layers", action="store_true",
-                        help="trace every layer into the step: on a GPU no per-step copy of the weights, at about "
-                             "5x the compile time per batch shape")
+                        help="trace every layer into the step instead of a loop over stacked weights (about 5x the "
+                             "compile time per batch shape)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +106,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-budget", type=int, default=None)
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--unroll-layers", action="store_true", default=None,
-                        help="trace every layer into the step (on a GPU: no per-step weight copy, longer compiles)")
+                        help="trace every layer into the step instead of a loop (about 5x the compile time)")
     parser.add_argument("--min-batch-bucket", type=int, default=None,
                         help="fewest rows a compiled step group has: fewer compiled shapes, more padded rows")
     parser.add_argument("--temperature", type=float, default=None)
