@@ -55,40 +55,48 @@ def _topk_select_kernel(k_ref, scores_ref, out_ref, *, num_positions, max_k):
     row = pl.program_id(0)
     num_chunks = scores_ref.shape[0]
     wanted = jnp.clip(k_ref[row], 0, min(max_k, num_positions))
-    positions = (lax.broadcasted_iota(jnp.int32, (num_chunks, LANES), 0) * LANES
-                 + lax.broadcasted_iota(jnp.int32, (num_chunks, LANES), 1))
-    keys = jnp.where(positions < num_positions, float_order_key(scores_ref[...]), INT32_MIN)
 
-    def count_at_least(threshold):
-        return jnp.sum((keys >= threshold).astype(jnp.int32))
+    # Rows that want nothing (padding rows, rows without a refresh) skip the search and write zeros.
+    @pl.when(wanted == 0)
+    def _nothing():
+        out_ref[...] = jnp.zeros_like(out_ref)
 
-    def add_bit(i, found):
-        candidate = found | lax.shift_left(jnp.int32(1), 30 - i)
-        return jnp.where(count_at_least(candidate) >= wanted, candidate, found)
+    @pl.when(wanted > 0)
+    def _select():
+        positions = (lax.broadcasted_iota(jnp.int32, (num_chunks, LANES), 0) * LANES
+                     + lax.broadcasted_iota(jnp.int32, (num_chunks, LANES), 1))
+        keys = jnp.where(positions < num_positions, float_order_key(scores_ref[...]), INT32_MIN)
 
-    # Bit 31 of the unsigned order is the sign: the threshold is >= 0 iff k keys are >= 0.
-    threshold = jnp.where(count_at_least(0) >= wanted, jnp.int32(0), jnp.int32(INT32_MIN))
-    threshold = lax.fori_loop(0, 31, add_bit, threshold)
+        def count_at_least(threshold):
+            return jnp.sum((keys >= threshold).astype(jnp.int32))
 
-    above = keys > threshold
-    ties_wanted = wanted - jnp.sum(above.astype(jnp.int32))
-    tie = keys == threshold
-    tie_local, tie_offsets = chunk_prefix_counts(tie)
-    chosen = (above | (tie & (tie_local.astype(jnp.int32) + tie_offsets <= ties_wanted))) & (wanted > 0)
-    local, offsets = chunk_prefix_counts(chosen)
-    chunk_end = offsets + local[:, LANES - 1:].astype(jnp.int32)                    # [C, 1] inclusive
-    chunk_index = lax.broadcasted_iota(jnp.int32, (num_chunks, 1), 0)
+        def add_bit(i, found):
+            candidate = found | lax.shift_left(jnp.int32(1), 30 - i)
+            return jnp.where(count_at_least(candidate) >= wanted, candidate, found)
 
-    for first_output in range(0, out_ref.shape[-1], LANES):
-        j = first_output + lax.broadcasted_iota(jnp.int32, (1, LANES), 1)             # output entries
-        full_chunks = jnp.sum((chunk_end <= j).astype(jnp.int32), axis=0, keepdims=True)
-        crossing = chunk_index == full_chunks                                         # one-hot [C, J]
-        crossing_local = _exact_small_int_dot(local, crossing, (((0,), (0,)), ((), ())))  # [lane, J]
-        crossing_offset = jnp.sum(jnp.where(crossing, offsets, 0), axis=0, keepdims=True)
-        in_crossing = jnp.sum((crossing_local.astype(jnp.int32) <= j - crossing_offset).astype(jnp.int32),
-                              axis=0, keepdims=True)
-        position = LANES * full_chunks + jnp.where(full_chunks < num_chunks, in_crossing, 0)
-        out_ref[:, first_output:first_output + LANES] = jnp.where(j < wanted, position, 0)
+        # Bit 31 of the unsigned order is the sign: the threshold is >= 0 iff k keys are >= 0.
+        threshold = jnp.where(count_at_least(0) >= wanted, jnp.int32(0), jnp.int32(INT32_MIN))
+        threshold = lax.fori_loop(0, 31, add_bit, threshold)
+
+        above = keys > threshold
+        ties_wanted = wanted - jnp.sum(above.astype(jnp.int32))
+        tie = keys == threshold
+        tie_local, tie_offsets = chunk_prefix_counts(tie)
+        chosen = above | (tie & (tie_local.astype(jnp.int32) + tie_offsets <= ties_wanted))
+        local, offsets = chunk_prefix_counts(chosen)
+        chunk_end = offsets + local[:, LANES - 1:].astype(jnp.int32)                    # [C, 1] inclusive
+        chunk_index = lax.broadcasted_iota(jnp.int32, (num_chunks, 1), 0)
+
+        for first_output in range(0, out_ref.shape[-1], LANES):
+            j = first_output + lax.broadcasted_iota(jnp.int32, (1, LANES), 1)             # output entries
+            full_chunks = jnp.sum((chunk_end <= j).astype(jnp.int32), axis=0, keepdims=True)
+            crossing = chunk_index == full_chunks                                         # one-hot [C, J]
+            crossing_local = _exact_small_int_dot(local, crossing, (((0,), (0,)), ((), ())))  # [lane, J]
+            crossing_offset = jnp.sum(jnp.where(crossing, offsets, 0), axis=0, keepdims=True)
+            in_crossing = jnp.sum((crossing_local.astype(jnp.int32) <= j - crossing_offset).astype(jnp.int32),
+                                  axis=0, keepdims=True)
+            position = LANES * full_chunks + jnp.where(full_chunks < num_chunks, in_crossing, 0)
+            out_ref[:, first_output:first_output + LANES] = jnp.where(j < wanted, position, 0)
 
 
 def topk_select_tpu(scores, k, *, max_k: int, interpret=False):
