@@ -22,7 +22,7 @@ from sparsespec_jax.attention import check_backend_name, resolve_backend
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
-from sparsespec_jax.kv_offload import HostKVPool
+from sparsespec_jax.kv_offload import HostKVPool, gather_pages, scatter_pages
 from sparsespec_jax.model import Transformer
 from sparsespec_jax.packed_args import pack
 from sparsespec_jax.request import Request
@@ -83,6 +83,12 @@ class EngineConfig:
         check_backend_name(self.attention_backend)
 
 
+@jax.jit
+def _read_set(sets: DraftSets, slot):
+    """One slot's draft set (positions, count), as one program rather than an eager op per field."""
+    return sets.positions[slot], sets.count[slot]
+
+
 @functools.partial(jax.jit, donate_argnames=("sets",))
 def _write_set(sets: DraftSets, slot, positions, count) -> DraftSets:
     return DraftSets(positions=sets.positions.at[slot].set(positions), count=sets.count.at[slot].set(count))
@@ -134,7 +140,9 @@ class Engine:
                             unroll_layers=config.unroll_layers)
         self.graphdef, self.state = nnx.split(model)
         self._step_fn = make_step_fn(self.graphdef, spec, self.backend)
-        self._compiled_shapes = self._step_fn._cache_size        # grows when a step compiles a new shape
+        # Every jitted program an iteration may run. Offloading and restoring compile theirs on first use, inside
+        # an iteration like a new step shape does, so an iteration is flagged as compiling if any of them grew.
+        self._programs = (self._step_fn, gather_pages, scatter_pages, _read_set, _write_set, _write_newest)
         self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.width = k + 1
@@ -172,9 +180,7 @@ class Engine:
         num_pages = math.ceil(int(self.table.computed[slot]) / self.config.page_size)
         if not self.host_kv.fits(num_pages):
             return False
-        sets = None
-        if self.table.has_sets[slot]:
-            sets = (self.slot_state.sets.positions[slot], self.slot_state.sets.count[slot])
+        sets = _read_set(self.slot_state.sets, slot) if self.table.has_sets[slot] else None
         request.offloaded_kv = self.host_kv.offload(self.kv, self.table.pages(slot)[:num_pages].tolist(), sets)
         request.stats.offloads += 1
         return True
@@ -241,7 +247,7 @@ class Engine:
     # -- one iteration ---------------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one engine iteration; return the requests whose completion the host learned of in it."""
-        started = time.perf_counter()
+        started, compilations = time.perf_counter(), self._compilations()
         self._waited, self._taken, self._dispatch_s = 0.0, 0, 0.0
         finished: list[Request] = []
         self.host_kv.poll()
@@ -253,16 +259,15 @@ class Engine:
                 finished += self._settle()              # everyone waits for the step in flight
             elif self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: the KV pool cannot hold the next request")
-            self._record(started, plan)
+            self._record(started, plan, compilations)
             return finished
         batch = build_unified_batch(plan, self.table, self.limits, self.width, self.config.max_batch_size)
         buffer, layout = pack((batch,
                                self._sampling_arrays(plan.slot[plan.kind == RowKind.DRAFT], batch.drafts.slot.shape[0]),
                                self._sampling_arrays(plan.slot[plan.emits], batch.emits.slot.shape[0])))
-        shapes_before, dispatched = self._compiled_shapes(), time.perf_counter()
+        dispatched = time.perf_counter()
         outputs, self.kv, self.slot_state = self._step_fn(self.state, self.kv, self.slot_state, buffer, layout)
         self._dispatch_s = time.perf_counter() - dispatched
-        compiled = self._compiled_shapes() > shapes_before
         outputs.tokens.copy_to_host_async()
         outputs.num_emitted.copy_to_host_async()
         self.scheduler.apply(plan)
@@ -272,11 +277,17 @@ class Engine:
             finished += self._read(previous)            # step t-1 while step t runs
         if self.config.sync_host:
             finished += self._settle()
-        self._record(started, plan, compiled)
+        self._record(started, plan, compilations)
         return finished
 
-    def _record(self, started: float, plan: StepPlan | None, compiled: bool = False) -> None:
+    def _compilations(self) -> int:
+        """Programs compiled so far by the jitted functions an iteration may call."""
+        return sum(program._cache_size() for program in self._programs)
+
+    def _record(self, started: float, plan: StepPlan | None, compilations: int) -> None:
+        """Log the iteration; `compilations`: _compilations() when it started."""
         elapsed = (time.perf_counter() - started) * 1e3
+        compiled = self._compilations() > compilations
         counts = np.bincount(plan.kind, minlength=len(RowKind)) if plan is not None else np.zeros(len(RowKind))
         verifies = int(np.count_nonzero(plan.stalls)) if plan is not None else 0
         self.metrics.add(StepMetrics(

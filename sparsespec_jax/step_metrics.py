@@ -23,7 +23,8 @@ class StepMetrics:
     emitted_tokens: int       # output tokens read back during this iteration
     kv_tokens_used: int       # device KV pool in use (whole pages)
     kv_tokens_offloaded: int  # host KV pool in use
-    compiled: bool = False    # this step's shape was new to the jitted step: its time includes a compile
+    compiled: bool = False    # XLA compiled during this iteration (a new step shape, or a first offload or
+                              # restore program): its time includes the compile
 
 
 class StepLog:
@@ -41,7 +42,7 @@ class StepLog:
                   "decode_rows")
         out = {f"mean_{name}": round(statistics.fmean(getattr(s, name) for s in self.steps), 3) for name in fields}
         out["steps"] = len(self.steps)
-        out["compiled_shapes"] = sum(s.compiled for s in self.steps)
+        out["compile_steps"] = sum(s.compiled for s in self.steps)
         out["compile_steps_s"] = round(sum(s.step_ms for s in self.steps if s.compiled) / 1e3, 3)
         out["peak_kv_tokens_offloaded"] = max(s.kv_tokens_offloaded for s in self.steps)
         return out

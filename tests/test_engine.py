@@ -47,11 +47,11 @@ def test_steps_that_compile_are_marked(make_engine, smollm2):
     generate(first, prompts, params)
     compiled = [s.step for s in first.metrics.steps if s.compiled]
     assert compiled and len(compiled) == first._step_fn._cache_size() - shapes_before
-    assert first.metrics.summary()["compiled_shapes"] == len(compiled)
+    assert first.metrics.summary()["compile_steps"] == len(compiled)
     second = make_engine(max_model_len=1000, min_batch_bucket=4)
     generate(second, prompts, params)
     assert not any(s.compiled for s in second.metrics.steps)
-    assert second.metrics.summary()["compiled_shapes"] == 0
+    assert second.metrics.summary()["compile_steps"] == 0
 
 
 @pytest.mark.slow

@@ -339,7 +339,7 @@ def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig,
             summary = engine.metrics.summary()
             log(f"  {method} B{batch}{' sync' if sync else ''}: {last_report - started:.0f} s, "
                 f"step {engine.num_steps}, {sum(len(r.output_ids) for r in requests)} / {batch * max_tokens} tokens, "
-                f"{summary['compiled_shapes']} shapes compiled in {summary['compile_steps_s']:.0f} s")
+                f"{summary['compile_steps']} compiling steps took {summary['compile_steps_s']:.0f} s")
     return engine, requests
 
 

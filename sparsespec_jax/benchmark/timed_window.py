@@ -1,6 +1,6 @@
 """A timed window of engine steps: warm up, time, leave compile steps out, count verifies by acceptance.
 
-Every benchmark that times steady-state decoding does the same thing; a step whose batch shape compiled would
+Every benchmark that times steady-state decoding does the same thing; a step during which XLA compiled would
 otherwise charge its compile to throughput.
 """
 
@@ -15,8 +15,8 @@ from sparsespec_jax.step_metrics import StepMetrics
 
 
 def compile_split(steps: list[StepMetrics]) -> tuple[list, list, float]:
-    """(steady steps, compile steps, median ms of the steady steps): a compile step is one whose batch shape was
-    new to the engine's jitted step (StepMetrics.compiled)."""
+    """(steady steps, compile steps, median ms of the steady steps): a compile step is one during which XLA
+    compiled a program: a new step shape, or a first offload or restore (StepMetrics.compiled)."""
     steady = [s for s in steps if not s.compiled]
     compiled = [s for s in steps if s.compiled]
     median = float(np.median([s.step_ms for s in steady or steps]))
