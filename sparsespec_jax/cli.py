@@ -120,6 +120,9 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     real.add_argument("--new-tokens", type=int, default=None)
     real.add_argument("--real-dtype", choices=["float32", "bfloat16"], default=None)
     real.add_argument("--sync-tokens", type=int, default=None, help="tokens per request of the device-time window")
+    real.add_argument("--real-contexts", nargs="+", type=int, default=None,
+                      help="steady-state windows with each context prefilled to these lengths, instead of whole "
+                           "generations (long outputs at large batches within one run)")
     shaped = parser.add_argument_group("shaped workload (random weights placed at a context, replayed acceptance)")
     shaped.add_argument("--shape", default=None,
                         help="qwen3-1.7b-shaped, qwen3-8b-shaped, smollm2-shaped or tiny-shaped")
@@ -374,6 +377,7 @@ def run_convert(args) -> int:
 BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "attention_backend", "unroll_layers",
                 "min_batch_bucket", "temperature", "seed",
                 "model", "real_random_shape", "prompts", "real_batch", "new_tokens", "real_dtype", "sync_tokens",
+                "real_contexts",
                 "shape", "shaped_batch", "contexts", "warmup", "steps", "sync_steps", "prompt_length",
                 "output_lengths", "copy_mib", "attention_reps", "time_budget_s")
 

@@ -9,8 +9,8 @@ import struct
 import pytest
 
 from sparsespec_jax.benchmark import report, roofline
-from sparsespec_jax.benchmark.e2e import (METHODS, BenchConfig, integrate_over_output_length, parse_replay,
-                                          read_prompts, smoke_config)
+from sparsespec_jax.benchmark.e2e import (METHODS, BenchConfig, context_prompts, integrate_over_output_length,
+                                          parse_replay, read_prompts, smoke_config)
 from sparsespec_jax.cli import EXIT_INVALID_JOB, EXIT_OK, main
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.spec.config import SpecConfig
@@ -185,6 +185,8 @@ def test_bad_bench_configurations_are_named(tmp_path, capsys):
         smoke_config(warmup=3)
     with pytest.raises(ValueError, match="shape"):
         smoke_config(shape="qwen9")
+    with pytest.raises(ValueError, match="real_contexts.*distinct"):
+        smoke_config(real_contexts=(64, 64))
     assert parse_replay(["0.5,0.5", "pillar=0.2,0.8"]) == {"ngram": (0.5, 0.5), "streaming": (0.5, 0.5),
                                                            "pillar": (0.2, 0.8)}
     assert main(["bench", "--smoke", "--k", "2", "--replay", "0.5,0.3"]) == EXIT_INVALID_JOB
@@ -195,3 +197,30 @@ def test_bad_bench_configurations_are_named(tmp_path, capsys):
         read_prompts(prompts)
     prompts.write_text('{"prompt": "Two plus two?"}\n')
     assert read_prompts(prompts) == ["Two plus two?"]
+
+
+def test_context_prompts_fill_each_request_with_real_text_back_to_back():
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    filled = context_prompts(prompts, 4, 6)
+    assert filled == [[1, 2, 3, 4, 5, 6], [4, 5, 6, 7, 8, 9], [6, 7, 8, 9, 1, 2], [1, 2, 3, 4, 5, 6]]
+    with pytest.raises(ValueError, match="non-empty prompts"):
+        context_prompts([[1], []], 2, 4)
+
+
+@pytest.mark.slow
+def test_real_context_windows_prefill_real_text_and_time_each_context(tmp_path, capsys):
+    """--real-contexts: every method gets a steady-state window at every context, after a real prefill."""
+    assert main(["bench", "--smoke", "--workload", "real", "--methods", "none", "pillar", "--real-contexts", "40",
+                 "72", "--out", str(tmp_path), "--name", "windows"]) == EXIT_OK
+    result = json.loads((tmp_path / "windows.json").read_text())
+    assert result["failed"] == [] and result["workloads"]["real"]["contexts"] == [40, 72]
+    points = {(p["method"], p["context"]): p for p in result["points"]}
+    assert set(points) == {(m, c) for m in ("none", "pillar") for c in (40, 72)}
+    for (method, context), p in points.items():
+        assert p["workload"] == "real" and p["steps_timed"] > 0 and positive(p["tokens_per_s"])
+        # The window starts after the prefill: its context lies between L and L plus the window's growth.
+        assert context < p["throughput_composition"]["context"] < context + 2 * result["config"]["steps"] + 9
+        assert p["device_window"]["steps"] > 0
+    assert points[("pillar", 72)]["verifies"] > 0 and points[("none", 72)]["verifies"] == 0
+    text = (tmp_path / "windows.md").read_text()
+    assert "steady-state windows" in text and "| real B1 L40 |" in text and "| real B1 L72 |" in text

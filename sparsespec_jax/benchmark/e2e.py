@@ -8,7 +8,10 @@ same requests, one after the other in one process. Two workloads:
   file of {"prompt": ...} lines, reused in order when the batch is larger than the file), at `temperature`
   with per-request seeds, EOS ignored. Output tokens/s over engine time (time spent inside Engine.step).
   Steps whose batch shape compiled (StepMetrics.compiled): their count and seconds are reported, the steady
-  rate counts each of them at the median step time, the end-to-end rate as they were.
+  rate counts each of them at the median step time, the end-to-end rate as they were. With `real_contexts`,
+  steady-state windows replace whole generations: each request's context is filled to L tokens by prefilling
+  chat-templated prompts back to back (real text, prefilled for real), then `warmup` and `steps` steps are
+  timed with real acceptance, as for the shaped workload. Long outputs at large batches then fit a device call.
 - shaped: random bf16 weights of a paper-scale shape; the batch is placed at context L with random KV (no
   prefill), `warmup` steps run, then `steps` steps are timed (compile steps left out). Random weights accept
   nothing meaningful, so verify outcomes are REPLAYED from a distribution over 0..k accepted drafts
@@ -92,6 +95,7 @@ class BenchConfig:
     new_tokens: int = 256
     real_dtype: str = "float32"
     sync_tokens: int = 32                            # tokens per request of the real workload's sync window
+    real_contexts: tuple[int, ...] = ()              # steady-state windows at these contexts, not generations
     # shaped workload
     shape: str = "qwen3-8b-shaped"
     shaped_batch: tuple[int, ...] = (128,)
@@ -121,6 +125,9 @@ class BenchConfig:
                 raise ValueError(f"bench {name}: must be a non-empty list of positive integers, got {values!r}")
         if len(set(self.contexts)) != len(self.contexts):
             raise ValueError(f"bench contexts: must be distinct, got {self.contexts!r}")
+        if (len(set(self.real_contexts)) != len(self.real_contexts)
+                or any(not isinstance(v, int) or isinstance(v, bool) or v < 2 for v in self.real_contexts)):
+            raise ValueError(f"bench real_contexts: must be distinct integers >= 2, got {self.real_contexts!r}")
         if self.warmup < self.k + 2:
             raise ValueError(f"bench warmup: must be >= k + 2 = {self.k + 2} steps so every request leaves its "
                              f"cold-start draft round before timing, got {self.warmup}")
@@ -417,7 +424,68 @@ def _placed_engine(cfg: ModelConfig, params, batch: int, context: int, method: s
 
 def run_shaped_point(cfg: ModelConfig, params, batch: int, context: int, method: str, config: BenchConfig) -> dict:
     """`warmup` then `steps` timed steps of `batch` requests placed at `context`, then the sync-mode window."""
-    engine = _placed_engine(cfg, params, batch, context, method, config, sync=False)
+    point = _window_point(_placed_engine(cfg, params, batch, context, method, config, sync=False),
+                          "shaped", method, batch, context, config)
+    point["device_window"] = _sync_window(_placed_engine(cfg, params, batch, context, method, config, sync=True),
+                                          batch, context, config)
+    return point
+
+
+def context_prompts(prompt_ids: Sequence[list[int]], batch: int, context: int) -> list[list[int]]:
+    """Per request, `context` tokens of real text: prompts back to back, request i starting at prompt i."""
+    if not prompt_ids or not all(prompt_ids):
+        raise ValueError("bench real_contexts: need non-empty prompts to fill the contexts with")
+    filled = []
+    for i in range(batch):
+        tokens, j = [], i
+        while len(tokens) < context:
+            tokens += prompt_ids[j % len(prompt_ids)]
+            j += 1
+        filled.append(tokens[:context])
+    return filled
+
+
+def _prefilled_engine(model: "RealModel", prompts: list[list[int]], method: str, config: BenchConfig,
+                      sync: bool) -> Engine:
+    """A real-model engine whose requests have prefilled `prompts` (all one length) for real; limits depend on
+    the largest context only, so every context of a method compiles the same decode shapes."""
+    batch = len(prompts)
+    max_len = max(config.real_contexts) + shaped_headroom(method, config)
+    if max_len > model.config.max_position_embeddings:
+        raise ValueError(f"bench real_contexts: {max(config.real_contexts)} tokens plus the window's growth "
+                         f"({max_len - max(config.real_contexts)} for {method}) exceed {model.name}'s context of "
+                         f"{model.config.max_position_embeddings} tokens")
+    engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
+                                 unroll_layers=config.unroll_layers, min_batch_bucket=config.min_batch_bucket,
+                                 max_batch_size=batch, max_model_len=max_len,
+                                 kv_cache_tokens=batch * (max_len + PAGE_SIZE) + config.k,
+                                 max_num_batched_tokens=max(batch * (config.k + 1), PREFILL_TOKENS),
+                                 prefill_chunk_size=PREFILL_CHUNK, page_size=PAGE_SIZE, sync_host=sync,
+                                 host_kv_tokens=0, seed=config.seed)
+    engine = Engine(model.config, model.params, model.tokenizer, engine_config, config.spec(method, replayed=False))
+    requests = [engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
+                                                       max_tokens=1 << 30, ignore_eos=True))
+                for i, ids in enumerate(prompts)]
+    while any(not r.output_ids for r in requests):     # a prompt's first output token ends its prefill
+        engine.step()
+    engine.metrics.steps.clear()                        # the window starts after the prefill
+    return engine
+
+
+def run_real_context_point(model: "RealModel", prompt_ids: list[list[int]], batch: int, context: int, method: str,
+                           config: BenchConfig) -> dict:
+    """Real text prefilled to `context` for `batch` requests, then `warmup` and `steps` timed steps with real
+    acceptance, then the sync-mode window of a second engine prefilled the same way."""
+    prompts = context_prompts(prompt_ids, batch, context)
+    point = _window_point(_prefilled_engine(model, prompts, method, config, sync=False), "real", method, batch,
+                          context, config)
+    point["device_window"] = _sync_window(_prefilled_engine(model, prompts, method, config, sync=True), batch,
+                                          context, config)
+    return point
+
+
+def _window_point(engine: Engine, workload: str, method: str, batch: int, context: int, config: BenchConfig) -> dict:
+    """The throughput window of an engine whose batch sits at `context`: `warmup`, then `steps` timed steps."""
     window = time_window(engine, config.warmup, config.steps)
     grown_before = sum(s.emitted_tokens for s in engine.metrics.steps[:config.warmup]) / batch
     timed, steady, compiled, median = window.steps, window.steady, window.compiled, window.median_ms
@@ -425,7 +493,7 @@ def run_shaped_point(cfg: ModelConfig, params, batch: int, context: int, method:
     emitted = sum(s.emitted_tokens for s in steady)
     grown = grown_before + sum(s.emitted_tokens for s in timed) / batch / 2
     point = {
-        "workload": "shaped", "method": method, "batch": batch, "context": context, "steps_timed": len(steady),
+        "workload": workload, "method": method, "batch": batch, "context": context, "steps_timed": len(steady),
         "compile_steps": len(compiled), "compile_s": sum(s.step_ms for s in compiled) / 1e3,
         "median_step_ms": median, "step_ms": 1e3 * seconds / len(steady), "tokens_per_s": emitted / seconds,
         "tokens_per_step": emitted / len(steady), "host_ms": float(np.mean([s.host_ms for s in steady])),
@@ -439,16 +507,20 @@ def run_shaped_point(cfg: ModelConfig, params, batch: int, context: int, method:
         "device_memory": device_memory(),
     }
     del engine, window, timed, steady, compiled
-    gc.collect()
-    engine = _placed_engine(cfg, params, batch, context, method, config, sync=True)
+    gc.collect()                       # the engine holds reference cycles: free its KV pool before the next one
+    return point
+
+
+def _sync_window(engine: Engine, batch: int, context: int, config: BenchConfig) -> dict:
+    """Device ms/step of a sync-mode engine at `context`: `sync_steps` steps after a k+2-step warm-up."""
     for _ in range(config.k + 2 + config.sync_steps):
         engine.step()
     window = engine.metrics.steps[config.k + 2:]
     grown = sum(s.emitted_tokens for s in engine.metrics.steps[:config.k + 2]) / batch
-    point["device_window"] = _device_window(window, context + grown + sum(s.emitted_tokens for s in window) / batch / 2)
+    result = _device_window(window, context + grown + sum(s.emitted_tokens for s in window) / batch / 2)
     del engine, window
     gc.collect()
-    return point
+    return result
 
 
 def _composition(steps, context: float, window: str) -> dict:
@@ -569,10 +641,17 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
             result["workloads"]["real"] = {
                 "model": model.name, "random_weights": model.random_weights, "dtype": config.real_dtype,
                 "prompts": config.prompts, "distinct_prompts": len(prompts), "temperature": config.temperature,
-                "new_tokens": config.new_tokens, "replayed": False}
+                "new_tokens": None if config.real_contexts else config.new_tokens,
+                "contexts": list(config.real_contexts), "warmup": config.warmup, "steps": config.steps,
+                "replayed": False}
             for batch in config.real_batch:
                 batch_ids = [ids[i % len(ids)] for i in range(batch)]
-                for method in config.methods:
+                for context in config.real_contexts:
+                    for method in config.methods:
+                        measure(f"real B{batch} L{context} {method}",
+                                lambda: run_real_context_point(model, ids, batch, context, method, config),
+                                model.config, DTYPES[config.real_dtype])
+                for method in config.methods if not config.real_contexts else ():
                     measure(f"real B{batch} {method}", lambda: run_real_point(model, batch_ids, method, config, log),
                             model.config, DTYPES[config.real_dtype])
             del model

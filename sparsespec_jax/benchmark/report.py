@@ -19,7 +19,7 @@ PLOTS = ("throughput_vs_batch", "tokens_vs_output_length", "acceptance_histogram
 
 
 def point_label(point: dict) -> str:
-    where = f"L{point['context']}" if point["workload"] == "shaped" else f"+{point['new_tokens']}"
+    where = f"L{point['context']}" if "context" in point else f"+{point['new_tokens']}"
     return f"{point['workload']} B{point['batch']} {where}"
 
 
@@ -194,7 +194,14 @@ def markdown(result: dict, targets: list[dict]) -> str:
              f"{result['copy_bandwidth']['array_bytes'] / 2 ** 20:.0f} MiB, 2 x bytes / median time): "
              f"{result['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s. Run time {result['elapsed_s']:.0f} s.", ""]
     real, shaped = result["workloads"].get("real"), result["workloads"].get("shaped")
-    if real:
+    if real and real.get("contexts"):
+        lines += [f"- real: {real['model']} ({real['dtype']}{', RANDOM weights' if real['random_weights'] else ''}), "
+                  f"steady-state windows: each request's context filled to L tokens by prefilling chat-templated "
+                  f"prompts from {real['prompts']} back to back (request i starting at prompt i), then "
+                  f"{real['warmup']} warm-up + {real['steps']} timed steps at T={real['temperature']}, seeds "
+                  f"{config['seed']}.., EOS ignored (compile steps left out); acceptance verified for real, on "
+                  "text the model continues after that context rather than its own reasoning."]
+    elif real:
         lines += [f"- real: {real['model']} ({real['dtype']}{', RANDOM weights' if real['random_weights'] else ''}), "
                   f"chat-templated prompts from {real['prompts']} ({real['distinct_prompts']} distinct, reused in "
                   f"order past that), T={real['temperature']}, seeds {config['seed']}.., EOS ignored, "
@@ -218,8 +225,9 @@ def markdown(result: dict, targets: list[dict]) -> str:
     lines += ["- host ms: the engine's own time per step, not waiting for the device (in async mode it overlaps "
               "the device's); dispatch ms: the part of it spent inside the jitted step's call.",
               "- device ms: median wait of a sync-mode engine's steps (the host blocks right after dispatching "
-              f"each step; {config['sync_steps']} steps after a k+2-step warm-up for shaped points, the decode "
-              f"steps of a {config['sync_tokens']}-token generation for real ones). attention ms: the step's "
+              f"each step; {config['sync_steps']} steps after a k+2-step warm-up for shaped points and real "
+              f"windows, the decode steps of a {config['sync_tokens']}-token generation for whole real "
+              "generations). attention ms: the step's "
               "attention dispatches alone (all layers, random queries) at that window's mean composition; pillar "
               "includes its score pass. GEMM/other = device - attention.",
               "- roofline: bytes per step = weights (decoder layers once, output head once per logits pass) + KV "
@@ -281,7 +289,7 @@ def _plot_batches(plt, result: dict):
         points = [p for p in result["points"] if p["workload"] == workload]
         series: dict[str, list] = {}
         for p in points:
-            label = METHOD_LABELS[p["method"]] + (f" L{p['context']}" if workload == "shaped" else "")
+            label = METHOD_LABELS[p["method"]] + (f" L{p['context']}" if "context" in p else "")
             series.setdefault(label, []).append((p["batch"], p["tokens_per_s"]))
         for label, xy in series.items():
             xy.sort()
