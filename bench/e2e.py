@@ -1,30 +1,31 @@
-"""End-to-end throughput on the H200, every draft method side by side, in ONE device call of about 9 minutes
-(`sparsespec bench` with the configuration below; any flag given here overrides it).
+"""End-to-end throughput on the H200, every draft method side by side (`sparsespec bench` with the configuration
+below; any flag given here overrides it). One workload per device call: `--workload shaped` or `--workload real`.
 
 What is measured, in this order (the time budget stops launching points after 480 s; skipped points are listed):
 
-1. shaped: Qwen3-8B-shaped, random bf16 weights, batch 128 placed at contexts 1024, 3072 and 6144 with random KV
-   (no prefill). Per method and context: 20 warm-up steps, then 32 timed steps (tokens/s, host ms/step, tokens
-   per step, acceptance), then a second engine in sync mode for 10 + 6 steps (device ms/step = median wait right
-   after dispatch), then the attention dispatches alone at that composition (attention vs GEMM/other).
-   Acceptance is REPLAYED from bench/systems_ablation.py's SmolLM2 distribution for every draft method, capped
-   by the drafts a row really has. Tokens/s is then integrated over outputs of 1024..6016 tokens after a
-   128-token prompt (per-token time piecewise linear between the contexts, extended linearly below 1024).
-2. real: SmolLM2-135M-Instruct (float32), chat-templated reasoning prompts (bench/data), T=0.6, seeds 0..B-1,
-   EOS ignored, batch 64, 128 and 256: real generation of 256 new tokens per request per method (prefill and
-   compile steps included in the end-to-end rate, compile steps counted at the median step in the steady rate),
-   then a 32-token sync-mode generation for device ms/step. A steady-state sample of the decode regime, not a
-   full 4k-token run (that would take far longer than one call).
+1. shaped: Qwen3-8B-shaped, random bf16 weights, batch 128 placed at contexts 2048, 4096 and 5120 with random KV
+   (no prefill; 5120 is about the largest that fits one H200 at this batch). Per method and context: 20 warm-up
+   steps, then 32 timed steps (tokens/s, host ms/step, tokens per step, acceptance), then a second engine in
+   sync mode for 10 + 6 steps (device ms/step = median wait right after dispatch), then the attention
+   dispatches alone at that composition (attention vs GEMM/other). Acceptance is REPLAYED from
+   bench/systems_ablation.py's SmolLM2 distribution for every draft method, capped by the drafts a row really
+   has. Tokens/s is then integrated over outputs of 1024..6016 tokens after a 128-token prompt (per-token time
+   piecewise linear between the contexts, extended linearly beyond them). About 2 minutes for two methods.
+2. real: SmolLM2-135M-Instruct (bfloat16), batch 256, 128 and 64, steady-state windows at contexts 7680, 4096 and
+   2048 (largest first: the time budget cuts the tail): each request's context is prefilled with
+   chat-templated reasoning prompts (bench/data) back to back, then 20 warm-up and 32 timed steps at T=0.6
+   with real acceptance, then the sync-mode window. Whole generations instead: drop `--real-contexts` and set
+   `--new-tokens` (4096 tokens at batch 64 took ~4 minutes per method, compile included).
 
 Copy bandwidth (jitted x*2 over 2 GiB) is measured first; bytes per step / bandwidth gives each point's
 roofline. Writes bench/results/<name>.{json,md} and PNG plots, prints the markdown (table last).
 
 On the GPU machine the embedded GGUF is carried in two parts (scripts/gpu/receive_model.sh); pass its path:
 
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python bench/e2e.py --model ~/sparsespec-model/SmolLM2-135M-Instruct.Q4_1.gguf
+    python bench/e2e.py --workload real --model ~/sparsespec-model/SmolLM2-135M-Instruct.Q4_1.gguf --name e2e_h200_real
 
-One workload per call: `--workload shaped` or `--workload real`. With `--smoke` only the output place
-(bench/results, name e2e_h200) is taken from here: the tiny CPU configuration of `sparsespec bench --smoke`.
+With `--smoke` only the output place (bench/results, name e2e_h200) is taken from here: the tiny CPU
+configuration of `sparsespec bench --smoke`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import os
 import sys
 from pathlib import Path
 
-# The shaped workload's KV pool at 6144 tokens x 128 requests (~121 GB) plus the weights need most of the GPU.
+# The shaped workload's KV pool at 5120 tokens x 128 requests (~100 GB) plus the weights need most of the GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,10 +43,10 @@ from sparsespec_jax.cli import main  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 H200 = ["--workload", "shaped", "real",
-        "--shape", "qwen3-8b-shaped", "--shaped-batch", "128", "--contexts", "1024", "3072", "6144",
+        "--shape", "qwen3-8b-shaped", "--shaped-batch", "128", "--contexts", "2048", "4096", "5120",
         "--warmup", "20", "--steps", "32", "--sync-steps", "6",
         "--prompt-length", "128", "--output-lengths", "1024", "2048", "4096", "6016",
-        "--real-batch", "64", "128", "256", "--new-tokens", "256", "--sync-tokens", "32", "--real-dtype", "float32",
+        "--real-batch", "256", "128", "64", "--real-contexts", "7680", "4096", "2048", "--real-dtype", "bfloat16",
         "--k", "8", "--temperature", "0.6", "--copy-mib", "2048", "--attention-reps", "5",
         "--time-budget-s", "480"]
 OUTPUT = ["--out", str(RESULTS), "--name", "e2e_h200"]
