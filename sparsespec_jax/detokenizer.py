@@ -8,7 +8,8 @@ window's text minus the text of its already-read part is exactly what the new to
 
 Speculative decoding accepts several tokens per step, so `push` takes a list and checks stop strings
 after every token: `num_tokens_to_keep` says which token completed a stop string, letting the engine cut
-its token ids at the same place the text was cut.
+its token ids at the same place the text was cut. Without stop strings there is nothing to check per token,
+and a push decodes its tokens together.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 _REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for bytes that do not (yet) form a character
 _PROMPT_CONTEXT_TOKENS = 4  # prompt tokens decoded ahead of the output, so its first token decodes in context
+_MAX_PARTIAL_TOKENS = 3     # an unfinished UTF-8 character has at most 3 bytes, so it spans at most 3 tokens
 
 
 class DetokenizerError(ValueError):
@@ -77,6 +79,11 @@ class IncrementalDetokenizer:
         return self._stop_reason
 
     @property
+    def matches_stop_strings(self) -> bool:
+        """Whether text must be decoded as tokens arrive (to find stop strings) rather than at the end."""
+        return bool(self._stop)
+
+    @property
     def finished(self) -> bool:
         """No more tokens are accepted: a stop string was found or `finish` was called."""
         return self._finished
@@ -100,6 +107,15 @@ class IncrementalDetokenizer:
         """Accept new output tokens; return the text that became stable."""
         if self._finished:
             raise DetokenizerError("push: the detokenizer has finished (stop string found or finish called)")
+        if not self._stop:                    # nothing to match token by token: one window for all of them
+            self._ids.extend(token_ids)
+            # If the push ends inside a character, the text up to one of its last few tokens is still stable.
+            for end in range(len(self._ids), max(self._read_offset, len(self._ids) - _MAX_PARTIAL_TOKENS - 1), -1):
+                added = self._decode_new_text(final=False, end=end)
+                if self._read_offset == end:
+                    self._pending += added
+                    break
+            return self._emit()
         for token_id in token_ids:
             self._ids.append(token_id)
             added = self._decode_new_text(final=False)
@@ -125,16 +141,18 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
-    def _decode_new_text(self, final: bool) -> str:
-        """Text added by the unread tokens, or "" while they end inside a character (unless `final`)."""
-        if self._read_offset == len(self._ids):
+    def _decode_new_text(self, final: bool, end: int | None = None) -> str:
+        """Text added by the unread tokens before `end` (default: all), or "" while they end inside a character
+        (unless `final`); the tokens count as read only when their text was taken."""
+        end = len(self._ids) if end is None else end
+        if self._read_offset >= end:
             return ""
-        window_text = self._decode(self._ids[self._prefix_offset:])
+        window_text = self._decode(self._ids[self._prefix_offset:end])
         if not final and window_text.endswith(_REPLACEMENT_CHAR):
             return ""
         added = window_text[len(self._prefix_text):]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        self._prefix_text = self._decode(self._ids[self._prefix_offset:])
+        self._prefix_offset, self._read_offset = self._read_offset, end
+        self._prefix_text = self._decode(self._ids[self._prefix_offset:end])
         return added
 
     def _append_and_match(self, added: str) -> bool:

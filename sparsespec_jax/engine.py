@@ -357,15 +357,18 @@ class Engine:
                 break
         detokenizer = request.detokenizer
         before = len(request.output_ids)
-        detokenizer.push(tokens[:keep])
-        if detokenizer.stopped:
-            keep, reason = detokenizer.num_tokens_to_keep - before, "stop"
+        if detokenizer.matches_stop_strings:           # else the text is decoded once, when the request ends
+            detokenizer.push(tokens[:keep])
+            if detokenizer.stopped:
+                keep, reason = detokenizer.num_tokens_to_keep - before, "stop"
         request.output_ids.extend(tokens[:keep])
         request.stats.output_tokens = len(request.output_ids)
         if request.stats.first_token_time is None:
             request.stats.first_token_time = now
         if reason is None:
             return False
+        if not detokenizer.matches_stop_strings:
+            detokenizer.push(request.output_ids)
         detokenizer.finish()
         request.finish_reason = reason
         request.stats.finish_time = now

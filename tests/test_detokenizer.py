@@ -174,3 +174,25 @@ def test_bad_arguments_are_rejected(tok):
     assert detok.finish() == "" and detok.finished
     with pytest.raises(DetokenizerError, match="finished"):
         detok.push([5])
+
+
+def test_without_stop_strings_a_push_decodes_its_tokens_together(tok):
+    """Speculative steps accept several tokens at once; with no stop string to find between them, a push costs
+    two decodes however many tokens it carries (a few more when it ends inside a character), not two per
+    token, and the text is the same as token by token."""
+    windows = []
+
+    class CountingTokenizer:
+        def decode(self, ids, skip_special_tokens=False):
+            windows.append(len(ids))
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = tok.encode(SAMPLE)
+    detok = IncrementalDetokenizer(CountingTokenizer())
+    before = len(windows)
+    for start in range(0, len(ids), 9):
+        detok.push(ids[start:start + 9])
+    detok.finish()
+    pushes = -(-len(ids) // 9)
+    assert detok.text == tok.decode(ids, skip_special_tokens=True)
+    assert len(windows) - before <= 3 * pushes < 2 * len(ids) and not detok.matches_stop_strings

@@ -124,6 +124,33 @@ def test_stop_conditions(make_engine, smollm2):
     assert by_string.finish_reason == "stop" and "capital" not in by_string.detokenizer.text
     assert by_string.detokenizer.text.startswith(" Rome")
     assert by_eos.finish_reason == "stop" and by_eos.output_ids[-1] in engine.eos_token_ids
+    for request in (by_length, by_eos):             # no stop strings: the text is decoded at the end
+        assert request.detokenizer.text == tok.decode(request.output_ids, skip_special_tokens=True)
+
+
+def test_text_without_stop_strings_is_decoded_once_per_request(make_engine, smollm2):
+    """Host time per step: without stop strings nothing reads the text before the request ends, so the
+    engine decodes it once at the end instead of twice per token."""
+    tok = smollm2.tokenizer
+    windows = []
+
+    class CountingTokenizer:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def decode(self, ids, **options):
+            windows.append(len(ids))
+            return tok.decode(ids, **options)
+
+    engine = make_engine(max_batch_size=4)
+    engine.tokenizer = CountingTokenizer()
+    requests = [engine.add_request(tok.encode(prompt), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+                for prompt in MIXED_PROMPTS[:2]]
+    engine.run()
+    for request in requests:
+        assert len(request.output_ids) == 12
+        assert request.detokenizer.text == tok.decode(request.output_ids, skip_special_tokens=True)
+    assert len(windows) <= 3 * len(requests), f"{len(windows)} decodes for {len(requests)} requests"
 
 
 def test_bad_requests_raise_clear_errors(make_engine, smollm2):
