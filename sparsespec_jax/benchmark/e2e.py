@@ -445,7 +445,7 @@ def context_prompts(prompt_ids: Sequence[list[int]], batch: int, context: int) -
     return filled
 
 
-def _prefilled_engine(model: "RealModel", prompts: list[list[int]], method: str, config: BenchConfig,
+def _prefilled_engine(model: RealModel, prompts: list[list[int]], method: str, config: BenchConfig,
                       sync: bool) -> Engine:
     """A real-model engine whose requests have prefilled `prompts` (all one length) for real; limits depend on
     the largest context only, so every context of a method compiles the same decode shapes."""
@@ -472,7 +472,7 @@ def _prefilled_engine(model: "RealModel", prompts: list[list[int]], method: str,
     return engine
 
 
-def run_real_context_point(model: "RealModel", prompt_ids: list[list[int]], batch: int, context: int, method: str,
+def run_real_context_point(model: RealModel, prompt_ids: list[list[int]], batch: int, context: int, method: str,
                            config: BenchConfig) -> dict:
     """Real text prefilled to `context` for `batch` requests, then `warmup` and `steps` timed steps with real
     acceptance, then the sync-mode window of a second engine prefilled the same way."""
