@@ -7,7 +7,9 @@ spread over the window so requests finish and free pages; steps that compiled a 
 device pool leaves each request only `--headroom` tokens to grow, so eviction starts within the window in every
 row: the first three recompute evicted requests (preemption), the last moves their KV to host memory and back.
 Random weights accept nothing meaningful, so verify outcomes are replayed from `--replay` (probabilities of
-accepting 0..k drafts, measured on the real model) — stated in the report.
+accepting 0..k drafts, measured on the real model) — stated in the report. Per row: output tokens/s, host ms
+per step, device ms per step (a second engine of the row's configuration in sync mode: the median wait right
+after each dispatch), output tokens emitted per step and tokens fed per step (recomputed prompts included).
 
   python bench/systems_ablation.py --batch 128 --context 2048 --steps 200
 """
@@ -23,7 +25,7 @@ import numpy as np
 from common import device_description, markdown_table, today, write_result
 from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
-from sparsespec_jax.benchmark.timed_window import acceptance_summary, time_window
+from sparsespec_jax.benchmark.timed_window import acceptance_summary, compile_split, time_window
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
@@ -44,7 +46,9 @@ SMALL = ModelConfig(arch="qwen3", vocab_size=4096, hidden_size=128, intermediate
                     max_position_embeddings=8192)
 
 
-def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host: bool, offload: bool) -> dict:
+def placed_engine(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host: bool,
+                  offload: bool) -> Engine:
+    """An engine with the row's configuration and `--batch` requests placed at `--context`."""
     window = args.warmup + args.steps
     pool = args.batch * (args.context + args.headroom)
     need = args.batch * (args.context + window + args.k + 1)
@@ -59,18 +63,37 @@ def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host
     engine = Engine(cfg, params, tokenizer, config, spec)
     # Output lengths spread over the window, so requests finish, free pages and evicted ones come back.
     rng = np.random.default_rng(2)
-    params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True)
-              for n in rng.integers(window // 3, window, args.batch)]
-    place_at_context(engine, args.batch, args.context, window, seed=1, reserve=0, params=params)
+    sampling = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True)
+                for n in rng.integers(window // 3, window, args.batch)]
+    place_at_context(engine, args.batch, args.context, window, seed=1, reserve=0, params=sampling)
+    return engine
+
+
+def device_ms(cfg, params, tokenizer, args, method: str, scheduler: str, offload: bool) -> float:
+    """Device time per step: the median wait of a sync-mode engine right after it dispatches each step (the
+    host then blocks on the step alone), over --device-steps steps after a k + 2-step warm-up."""
+    engine = placed_engine(cfg, params, tokenizer, args, method, scheduler, True, offload)
+    for _ in range(args.k + 2 + args.device_steps):
+        engine.step()
+    steady, _, _ = compile_split(engine.metrics.steps[args.k + 2:])
+    waits = [s.wait_ms for s in steady]
+    del engine
+    gc.collect()
+    return float(np.median(waits)) if waits else float("nan")
+
+
+def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host: bool, offload: bool) -> dict:
+    engine = placed_engine(cfg, params, tokenizer, args, method, scheduler, sync_host, offload)
     window = time_window(engine, args.warmup, args.steps)    # compile steps are left out
     result = {"tokens_per_s": window.tokens_per_s, "host_ms": window.mean("host_ms"),
               "wait_ms": window.mean("wait_ms"), "step_ms": window.step_ms, "steps_timed": len(window.steady),
-              "tokens_per_step": window.mean("tokens"),
+              "tokens_per_step": window.mean("tokens"), "emitted_per_step": window.mean("emitted_tokens"),
               "accepted_per_verify": acceptance_summary(window.acceptance_counts)["accepted_per_verify"],
               "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
               "restores": engine.num_restores, "peak_host_kv_tokens": engine.host_kv.peak_tokens}
     del engine
     gc.collect()                  # the engine holds reference cycles: free its KV pool before the next row
+    result["device_ms"] = device_ms(cfg, params, tokenizer, args, method, scheduler, offload)
     return result
 
 
@@ -88,6 +111,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--device-steps", type=int, default=10, help="sync-mode steps timed for device ms")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--min-budget", type=int, default=128)
     parser.add_argument("--headroom", type=int, default=32, help="tokens each request may grow before eviction")
@@ -96,8 +120,8 @@ def main() -> None:
     cfg = SHAPES.get(args.model, SMALL)
     params = random_params(cfg, seed=0, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     tokenizer = placeholder_tokenizer()
-    header = ["configuration", "tok/s", "x naive", "host ms/step", "waiting ms/step", "step ms", "tokens/step",
-              "accepted/verify", "preempt", "offload", "restore"]
+    header = ["configuration", "tok/s", "x naive", "host ms/step", "device ms/step", "waiting ms/step", "step ms",
+              "emitted/step", "tokens fed/step", "accepted/verify", "preempt", "offload", "restore"]
     rows, results = [], []
     device = device_description()
     for index, (label, method, scheduler, sync_host, offload) in enumerate(ROWS):
@@ -107,7 +131,8 @@ def main() -> None:
         results.append({"configuration": label, **result})
         base = results[0]["tokens_per_s"]                        # the first row run
         rows.append([label, f"{result['tokens_per_s']:.0f}", f"{result['tokens_per_s'] / base:.2f}",
-                     f"{result['host_ms']:.2f}", f"{result['wait_ms']:.2f}", f"{result['step_ms']:.2f}",
+                     f"{result['host_ms']:.2f}", f"{result['device_ms']:.2f}", f"{result['wait_ms']:.2f}",
+                     f"{result['step_ms']:.2f}", f"{result['emitted_per_step']:.1f}",
                      f"{result['tokens_per_step']:.0f}", f"{result['accepted_per_verify']:.2f}",
                      result["preemptions"], result["offloads"], result["restores"]])
         print(rows[-1], flush=True)
@@ -115,7 +140,8 @@ def main() -> None:
                     f"Model {args.model} ({args.dtype}, random weights), pillar k={args.k}, batch {args.batch} placed "
                     f"at {args.context} tokens, {args.warmup} warm-up + {args.steps} timed steps per row, device "
                     f"pool batch x (context + {args.headroom}) tokens. Verify outcomes REPLAYED from {args.replay} "
-                    f"(accepted 0..k), not computed. Decoder layers "
+                    f"(accepted 0..k), not computed. Device ms/step: median wait of a sync-mode engine of the row's "
+                    f"configuration right after each dispatch, over {args.device_steps} steps. Decoder layers "
                     f"{'unrolled' if args.unroll_layers else 'in a loop'}. Script: bench/systems_ablation.py.\n\n"
                     + markdown_table(header, rows))
         write_result(args.name, {"device": device, "date": today(), "args": vars(args), "rows": results}, markdown)
