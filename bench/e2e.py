@@ -14,8 +14,9 @@ What is measured, in this order (the time budget stops launching points after 48
 2. real: SmolLM2-135M-Instruct (bfloat16), batch 256, 128 and 64, steady-state windows at contexts 7680, 4096 and
    2048 (largest first: the time budget cuts the tail): each request's context is prefilled with
    chat-templated reasoning prompts (bench/data) back to back, then 20 warm-up and 32 timed steps at T=0.6
-   with real acceptance, then the sync-mode window. Whole generations instead: drop `--real-contexts` and set
-   `--new-tokens` (4096 tokens at batch 64 took ~4 minutes per method, compile included).
+   with real acceptance, then the sync-mode window. Whole generations instead: `sparsespec bench --workload
+   real --new-tokens N ...` directly, without `--real-contexts` (4096 tokens at batch 64 took ~4 minutes per
+   method on the H200, compile included).
 
 Copy bandwidth (jitted x*2 over 2 GiB) is measured first; bytes per step / bandwidth gives each point's
 roofline. Writes bench/results/<name>.{json,md} and PNG plots, prints the markdown (table last).
