@@ -320,13 +320,11 @@ def load_real_model(config: BenchConfig) -> RealModel:
                      loaded.tokenizer, True)
 
 
-def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig, sync: bool, max_tokens: int,
-                 log: Callable[[str], None] = print):
-    """An engine that ran `max_tokens` per prompt. Limits depend on config.new_tokens only, so the throughput
-    and device windows compile the same shapes; a prompt is prefilled in one chunk of up to PREFILL_CHUNK.
-    Every PROGRESS_S a line says how far it got and how much of that was compiling."""
+def _real_requests(model: RealModel, prompt_ids, method: str, config: BenchConfig, sync: bool, max_len: int,
+                   max_tokens: int) -> tuple[Engine, list]:
+    """A real-model engine holding one request per prompt (T = config.temperature, seed config.seed + i, EOS
+    ignored, up to `max_tokens`); prompts are prefilled in chunks of up to PREFILL_CHUNK."""
     batch = len(prompt_ids)
-    max_len = max(map(len, prompt_ids)) + config.new_tokens + config.k + 1
     engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
                                  unroll_layers=config.unroll_layers, min_batch_bucket=config.min_batch_bucket,
                                  max_batch_size=batch, max_model_len=max_len,
@@ -338,6 +336,17 @@ def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig,
     requests = [engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
                                                        max_tokens=max_tokens, ignore_eos=True))
                 for i, ids in enumerate(prompt_ids)]
+    return engine, requests
+
+
+def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig, sync: bool, max_tokens: int,
+                 log: Callable[[str], None] = print):
+    """An engine that ran `max_tokens` per prompt. Limits depend on config.new_tokens only, so the throughput
+    and device windows compile the same shapes. Every PROGRESS_S a line says how far it got and how much of
+    that was compiling."""
+    batch = len(prompt_ids)
+    max_len = max(map(len, prompt_ids)) + config.new_tokens + config.k + 1
+    engine, requests = _real_requests(model, prompt_ids, method, config, sync, max_len, max_tokens)
     started = last_report = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
@@ -449,23 +458,12 @@ def _prefilled_engine(model: RealModel, prompts: list[list[int]], method: str, c
                       sync: bool) -> Engine:
     """A real-model engine whose requests have prefilled `prompts` (all one length) for real; limits depend on
     the largest context only, so every context of a method compiles the same decode shapes."""
-    batch = len(prompts)
     max_len = max(config.real_contexts) + shaped_headroom(method, config)
     if max_len > model.config.max_position_embeddings:
         raise ValueError(f"bench real_contexts: {max(config.real_contexts)} tokens plus the window's growth "
                          f"({max_len - max(config.real_contexts)} for {method}) exceed {model.name}'s context of "
                          f"{model.config.max_position_embeddings} tokens")
-    engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
-                                 unroll_layers=config.unroll_layers, min_batch_bucket=config.min_batch_bucket,
-                                 max_batch_size=batch, max_model_len=max_len,
-                                 kv_cache_tokens=batch * (max_len + PAGE_SIZE) + config.k,
-                                 max_num_batched_tokens=max(batch * (config.k + 1), PREFILL_TOKENS),
-                                 prefill_chunk_size=PREFILL_CHUNK, page_size=PAGE_SIZE, sync_host=sync,
-                                 host_kv_tokens=0, seed=config.seed)
-    engine = Engine(model.config, model.params, model.tokenizer, engine_config, config.spec(method, replayed=False))
-    requests = [engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
-                                                       max_tokens=1 << 30, ignore_eos=True))
-                for i, ids in enumerate(prompts)]
+    engine, requests = _real_requests(model, prompts, method, config, sync, max_len, max_tokens=1 << 30)
     while any(not r.output_ids for r in requests):     # a prompt's first output token ends its prefill
         engine.step()
     engine.metrics.steps.clear()                        # the window starts after the prefill
