@@ -1,33 +1,73 @@
 """Where a steady-state step's device time goes on a GPU: kernels by total time per step, from a jax.profiler
-trace of a short window (vanilla and pillar, Qwen3-1.7B-shaped random bf16, 128 requests at 2048 tokens).
+trace of a short window, grouped by kernel name and by the JAX name scope that emitted them. Random weights and
+KV, requests placed at a context, acceptance replayed (the profile is about kernels, not acceptance).
 
-  [UNROLL_LAYERS=on] PYTHONPATH=$PWD python scripts/gpu/device_profile.py [trace_dir]
+  PYTHONPATH=$PWD python scripts/gpu/device_profile.py [--shape smollm2-shaped] [--batch 256] [--context 4096]
+      [--methods none pillar] [--trace-dir DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import glob
 import os
-import sys
+import re
+
+# The optimized HLO of every step program is dumped so each kernel can be traced back to the JAX op (and name
+# scope) that produced it; this must be set before JAX starts its backend.
+DUMP_DIR = "/tmp/sparsespec-hlo"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR} --xla_dump_hlo_as_text"
+                           " --xla_dump_hlo_pass_re=^$ --xla_dump_hlo_module_re=step_fn").strip()
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsespec_jax.benchmark.shapes import QWEN3_1_7B, placeholder_tokenizer
+from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
 from sparsespec_jax.spec.config import SpecConfig
 
 REPLAY = (0.08, 0.05, 0.05, 0.05, 0.06, 0.07, 0.08, 0.10, 0.46)
+K = 8
 
 
-def kernel_times(trace_dir: str) -> collections.Counter:
-    """Total nanoseconds per kernel name over the device planes of the newest trace in trace_dir."""
+INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]+)"')
+
+
+def op_names() -> dict[tuple[str, str], str]:
+    """(module, instruction) -> the JAX op_name XLA kept in the instruction's metadata, from the HLO dumps."""
+    names = {}
+    for path in glob.glob(f"{DUMP_DIR}/*after_optimizations.txt"):
+        module = os.path.basename(path).split(".")[1]
+        with open(path) as dump:
+            for line in dump:
+                match = INSTRUCTION.match(line)
+                if match:
+                    names[(module, match.group(1))] = match.group(2)
+    return names
+
+
+def scope_of(event, names: dict) -> str:
+    """The JAX op behind a kernel, without the jit/loop wrappers, to four levels; else the kernel's name."""
+    stats = {key: str(value) for key, value in event.stats}
+    op_name = names.get((stats.get("hlo_module", ""), stats.get("hlo_op", "")))
+    if op_name is None:
+        return f"[{event.name}]"
+    parts = [p for p in op_name.split("/") if p and not p.startswith(("jit(", "while", "body", "cond",
+                                                                      "closed_call", "pjit", "checkpoint"))]
+    return "/".join(parts[:4]) or f"[{event.name}]"
+
+
+def kernel_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter, int]:
+    """Total nanoseconds per kernel name and per name scope over the GPU planes of the newest trace, and the
+    number of kernel launches."""
     [path] = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1:]
-    totals: collections.Counter = collections.Counter()
+    by_kernel: collections.Counter = collections.Counter()
+    by_scope: collections.Counter = collections.Counter()
+    launches, names = 0, op_names()
     for plane in jax.profiler.ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -35,42 +75,52 @@ def kernel_times(trace_dir: str) -> collections.Counter:
             if "Stream" not in line.name:
                 continue
             for event in line.events:
-                totals[event.name] += event.duration_ns
-    return totals
+                by_kernel[event.name] += event.duration_ns
+                by_scope[scope_of(event, names)] += event.duration_ns
+                launches += 1
+    return by_kernel, by_scope, launches
 
 
-def profile(method: str, params, trace_dir: str, steps: int = 20) -> None:
-    unroll = os.environ.get("UNROLL_LAYERS") == "on"
-    config = EngineConfig(dtype="bfloat16", unroll_layers=unroll, max_batch_size=128, kv_cache_tokens=128 * 2400,
-                          max_model_len=2400,
-                          max_num_batched_tokens=128 * 9, min_batch_bucket=16, min_context_bucket=2400)
-    spec = SpecConfig(method=method, k=8, replay_acceptance=REPLAY if method != "none" else None)
-    engine = Engine(QWEN3_1_7B, params, placeholder_tokenizer(), config, spec)
-    place_at_context(engine, 128, 2048, 300, seed=1)
+def profile(shape: str, method: str, params, batch: int, context: int, trace_dir: str, steps: int = 20) -> None:
+    max_len = context + 400
+    config = EngineConfig(dtype="bfloat16", max_batch_size=batch, kv_cache_tokens=batch * max_len,
+                          max_model_len=max_len, max_num_batched_tokens=batch * (K + 1), min_context_bucket=max_len)
+    spec = SpecConfig(method=method, k=K, replay_acceptance=REPLAY if method != "none" else None)
+    engine = Engine(SHAPES[shape], params, placeholder_tokenizer(), config, spec)
+    place_at_context(engine, batch, context, 300, seed=1)
     for _ in range(40):
         engine.step()
-    engine.step()
     jax.block_until_ready(engine.kv.k)
     directory = f"{trace_dir}/{method}"
     with jax.profiler.trace(directory):
         for _ in range(steps):
             engine.step()
         jax.block_until_ready(engine.kv.k)
-    totals = kernel_times(directory)
+    by_kernel, by_scope, launches = kernel_times(directory)
     window = engine.metrics.steps[-steps:]
-    device_ms = sum(totals.values()) / 1e6 / steps
-    print(f"\n== {method}: device kernels {device_ms:.2f} ms/step, wall {np.mean([s.step_ms for s in window]):.2f} "
-          f"ms/step (host {np.mean([s.host_ms for s in window]):.2f}, of it dispatch "
-          f"{np.mean([s.dispatch_ms for s in window]):.2f}), tokens/step {np.mean([s.tokens for s in window]):.0f}")
-    for name, ns in totals.most_common(25):
-        print(f"  {ns / 1e6 / steps:8.3f} ms  {100 * ns / sum(totals.values()):5.1f}%  {name[:110]}")
+    total = sum(by_kernel.values())
+    print(f"\n== {shape} B{batch} L{context} {method}: device kernels {total / 1e6 / steps:.2f} ms/step, "
+          f"{launches / steps:.0f} launches/step, wall {np.mean([s.step_ms for s in window]):.2f} ms/step "
+          f"(host {np.mean([s.host_ms for s in window]):.2f}, of it dispatch "
+          f"{np.mean([s.dispatch_ms for s in window]):.2f}), tokens fed/step {np.mean([s.tokens for s in window]):.0f}")
+    for title, totals in (("by scope", by_scope), ("by kernel", by_kernel)):
+        print(f"  -- {title}")
+        for name, ns in totals.most_common(18):
+            print(f"  {ns / 1e6 / steps:8.3f} ms  {100 * ns / total:5.1f}%  {name[:120]}")
+    del engine
 
 
 def main() -> None:
-    trace_dir = sys.argv[1] if len(sys.argv) > 1 else "/tmp/sparsespec-trace"
-    params = random_params(QWEN3_1_7B, seed=0, dtype=jnp.bfloat16)
-    for method in ("none", "pillar"):
-        profile(method, params, trace_dir)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="qwen3-1.7b-shaped", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--methods", nargs="+", default=["none", "pillar"])
+    parser.add_argument("--trace-dir", default="/tmp/sparsespec-trace")
+    args = parser.parse_args()
+    params = random_params(SHAPES[args.shape], seed=0, dtype=jnp.bfloat16)
+    for method in args.methods:
+        profile(args.shape, method, params, args.batch, args.context, args.trace_dir)
 
 
 if __name__ == "__main__":
