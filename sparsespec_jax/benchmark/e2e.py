@@ -57,6 +57,8 @@ WORKLOADS = ("real", "shaped")
 PAGE_SIZE = 16
 PREFILL_CHUNK = 256           # real workload: longest prompt chunk (the committed reasoning prompts fit in one)
 PREFILL_TOKENS = 2048         # real workload: token budget of a step, at least (prefill steps)
+FILL_CHUNK = 2048              # real contexts: longest prompt chunk while filling
+FILL_TOKENS = 16384           # real contexts: tokens prefilled per fill step (few steps keep the contexts even)
 PROGRESS_S = 30.0             # real workload: seconds between progress lines of a running generation
 # Probabilities of accepting 0..8 drafts: the distribution bench/systems_ablation.py replays, noted there as SmolLM2
 # pillar, k = 8, T = 0.6. Its mean is 5.75 accepted drafts per verify; bench/results/acceptance_h200.json measured
@@ -321,16 +323,18 @@ def load_real_model(config: BenchConfig) -> RealModel:
 
 
 def _real_requests(model: RealModel, prompt_ids, method: str, config: BenchConfig, sync: bool, max_len: int,
-                   max_tokens: int) -> tuple[Engine, list]:
+                   max_tokens: int, prefill_chunk: int = PREFILL_CHUNK,
+                   prefill_tokens: int = PREFILL_TOKENS) -> tuple[Engine, list]:
     """A real-model engine holding one request per prompt (T = config.temperature, seed config.seed + i, EOS
-    ignored, up to `max_tokens`); prompts are prefilled in chunks of up to PREFILL_CHUNK."""
+    ignored, up to `max_tokens`); prompts are prefilled in chunks of up to `prefill_chunk`, at least
+    `prefill_tokens` per step."""
     batch = len(prompt_ids)
     engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
                                  unroll_layers=config.unroll_layers, min_batch_bucket=config.min_batch_bucket,
                                  max_batch_size=batch, max_model_len=max_len,
                                  kv_cache_tokens=batch * (max_len + config.k + PAGE_SIZE),
-                                 max_num_batched_tokens=max(batch * (config.k + 1), PREFILL_TOKENS),
-                                 prefill_chunk_size=PREFILL_CHUNK, page_size=PAGE_SIZE, sync_host=sync,
+                                 max_num_batched_tokens=max(batch * (config.k + 1), prefill_tokens),
+                                 prefill_chunk_size=prefill_chunk, page_size=PAGE_SIZE, sync_host=sync,
                                  host_kv_tokens=0, seed=config.seed)
     engine = Engine(model.config, model.params, model.tokenizer, engine_config, config.spec(method, replayed=False))
     requests = [engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
@@ -454,20 +458,33 @@ def context_prompts(prompt_ids: Sequence[list[int]], batch: int, context: int) -
     return filled
 
 
+def fill_growth(method: str, config: BenchConfig) -> int:
+    """Tokens a request may decode while the rest of its batch is still prefilling (a request decodes from the
+    step after its own prefill ends): the fill's steps at the largest batch and context, at the growth rate
+    shaped_headroom allows per step, plus one verify."""
+    context, batch = max(config.real_contexts), max(config.real_batch)
+    steps = math.ceil(batch * context / FILL_TOKENS) + math.ceil(context / FILL_CHUNK)
+    per_step = math.ceil((config.k + 1) / 2) if method == "ngram" else 1
+    return steps * per_step + config.k + 1
+
+
 def _prefilled_engine(model: RealModel, prompts: list[list[int]], method: str, config: BenchConfig,
-                      sync: bool) -> Engine:
-    """A real-model engine whose requests have prefilled `prompts` (all one length) for real; limits depend on
-    the largest context only, so every context of a method compiles the same decode shapes."""
-    max_len = max(config.real_contexts) + shaped_headroom(method, config)
+                      sync: bool) -> tuple[Engine, float]:
+    """A real-model engine whose requests have prefilled `prompts` (all one length) for real, and their mean
+    context when the fill ended (requests that finished prefilling first have decoded a little since). Limits
+    depend on the largest batch and context only, so every point of a method compiles the same decode shapes."""
+    largest = max(config.real_contexts)
+    max_len = largest + fill_growth(method, config) + shaped_headroom(method, config)
     if max_len > model.config.max_position_embeddings:
-        raise ValueError(f"bench real_contexts: {max(config.real_contexts)} tokens plus the window's growth "
-                         f"({max_len - max(config.real_contexts)} for {method}) exceed {model.name}'s context of "
+        raise ValueError(f"bench real_contexts: {largest} tokens plus the growth while filling and over the "
+                         f"windows ({max_len - largest} for {method}) exceed {model.name}'s context of "
                          f"{model.config.max_position_embeddings} tokens")
-    engine, requests = _real_requests(model, prompts, method, config, sync, max_len, max_tokens=1 << 30)
+    engine, requests = _real_requests(model, prompts, method, config, sync, max_len, max_tokens=1 << 30,
+                                      prefill_chunk=FILL_CHUNK, prefill_tokens=FILL_TOKENS)
     while any(not r.output_ids for r in requests):     # a prompt's first output token ends its prefill
         engine.step()
     engine.metrics.steps.clear()                        # the window starts after the prefill
-    return engine
+    return engine, float(np.mean([r.num_tokens for r in requests]))
 
 
 def run_real_context_point(model: RealModel, prompt_ids: list[list[int]], batch: int, context: int, method: str,
@@ -475,16 +492,25 @@ def run_real_context_point(model: RealModel, prompt_ids: list[list[int]], batch:
     """Real text prefilled to `context` for `batch` requests, then `warmup` and `steps` timed steps with real
     acceptance, then the sync-mode window of a second engine prefilled the same way."""
     prompts = context_prompts(prompt_ids, batch, context)
-    point = _window_point(_prefilled_engine(model, prompts, method, config, sync=False), "real", method, batch,
-                          context, config)
-    point["device_window"] = _sync_window(_prefilled_engine(model, prompts, method, config, sync=True), batch,
-                                          context, config)
+    engine, start = _prefilled_engine(model, prompts, method, config, sync=False)
+    point = _window_point(engine, "real", method, batch, context, config, start_context=start)
+    point["context_mean_at_start"] = start
+    engine, start = _prefilled_engine(model, prompts, method, config, sync=True)
+    point["device_window"] = _sync_window(engine, batch, start, config)
     return point
 
 
-def _window_point(engine: Engine, workload: str, method: str, batch: int, context: int, config: BenchConfig) -> dict:
-    """The throughput window of an engine whose batch sits at `context`: `warmup`, then `steps` timed steps."""
+def _window_point(engine: Engine, workload: str, method: str, batch: int, context: int, config: BenchConfig,
+                  start_context: float | None = None) -> dict:
+    """The throughput window of an engine whose batch sits at `context` (or, where the requests differ, at a
+    mean of `start_context`): `warmup`, then `steps` timed steps. Every request must still be running at the
+    end: one that reached its length limit would shrink the batch the window claims to measure."""
     window = time_window(engine, config.warmup, config.steps)
+    running = len(engine.scheduler.running)
+    if running != batch:
+        raise RuntimeError(f"bench {workload} B{batch} L{context} {method}: {batch - running} requests stopped "
+                           f"during the window (length limit {engine.max_model_len}); the window would not "
+                           f"measure batch {batch}")
     grown_before = sum(s.emitted_tokens for s in engine.metrics.steps[:config.warmup]) / batch
     timed, steady, compiled, median = window.steps, window.steady, window.compiled, window.median_ms
     seconds = window.seconds
@@ -501,7 +527,7 @@ def _window_point(engine: Engine, workload: str, method: str, batch: int, contex
         "kv_tokens_used_max": max(s.kv_tokens_used for s in timed),
         "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
         **acceptance_summary(window.acceptance_counts),
-        "throughput_composition": _composition(steady, context + grown, "throughput window"),
+        "throughput_composition": _composition(steady, (start_context or context) + grown, "throughput window"),
         "device_memory": device_memory(),
     }
     del engine, window, timed, steady, compiled
@@ -509,7 +535,7 @@ def _window_point(engine: Engine, workload: str, method: str, batch: int, contex
     return point
 
 
-def _sync_window(engine: Engine, batch: int, context: int, config: BenchConfig) -> dict:
+def _sync_window(engine: Engine, batch: int, context: float, config: BenchConfig) -> dict:
     """Device ms/step of a sync-mode engine at `context`: `sync_steps` steps after a k+2-step warm-up."""
     for _ in range(config.k + 2 + config.sync_steps):
         engine.step()
@@ -641,7 +667,7 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
                 "prompts": config.prompts, "distinct_prompts": len(prompts), "temperature": config.temperature,
                 "new_tokens": None if config.real_contexts else config.new_tokens,
                 "contexts": list(config.real_contexts), "warmup": config.warmup, "steps": config.steps,
-                "replayed": False}
+                "fill_tokens": FILL_TOKENS, "replayed": False}
             for batch in config.real_batch:
                 batch_ids = [ids[i % len(ids)] for i in range(batch)]
                 for context in config.real_contexts:

@@ -197,7 +197,12 @@ def markdown(result: dict, targets: list[dict]) -> str:
     if real and real.get("contexts"):
         lines += [f"- real: {real['model']} ({real['dtype']}{', RANDOM weights' if real['random_weights'] else ''}), "
                   f"steady-state windows: each request's context filled to L tokens by prefilling chat-templated "
-                  f"prompts from {real['prompts']} back to back (request i starting at prompt i), then "
+                  f"prompts from {real['prompts']} back to back (request i starting at prompt i; {real['fill_tokens']} "
+                  "tokens prefilled per step, so requests that finish their prefill first decode while the rest "
+                  "still prefill: mean context at the window's start, per point: "
+                  + ", ".join(f"{point_label(p)} {p['method']} {p['context_mean_at_start']:.0f}"
+                              for p in result["points"] if "context_mean_at_start" in p)
+                  + "), then "
                   f"{real['warmup']} warm-up + {real['steps']} timed steps at T={real['temperature']}, seeds "
                   f"{config['seed']}.., EOS ignored (compile steps left out); acceptance verified for real, on "
                   "text the model continues after that context rather than its own reasoning."]
