@@ -1,10 +1,12 @@
 """Host-memory pool for evicted requests' KV: offload in fixed-size chunks, asynchronously, and restore.
 
-Offloading gathers a request's pages chunk by chunk into fresh device arrays and starts their device-to-host
-copies at once (copy_to_host_async); the pages are free for reuse immediately, since later steps are ordered
-after the gather on device. Copies that have landed are turned into host arrays when polled, which drops the
-device copies. Restoring writes the chunks into newly granted pages. Chunks have a fixed page count (the last
-one padded with the reserved padding page), so the gather and scatter compile once.
+Offloading gathers a request's pages chunk by chunk on the device and moves each chunk into the device's host
+memory space (pinned host memory where the platform has it) with `jax.device_put`. Both are enqueued, never
+waited for: the pages are free for reuse at once, since later steps are ordered after the gather on device,
+and the gathered chunk lives only until its copy has landed. Restoring moves the chunks back and writes them
+into newly granted pages, again enqueued behind any copy still in flight. No call here blocks the host.
+Chunks have a fixed page count (the last one padded with the reserved padding page), so the gather and scatter
+compile once.
 
 The pool's capacity is counted in tokens (whole pages); a request is offloaded only if all of it fits, and
 the pool's peak use is tracked so the configured bound can be checked.
@@ -40,9 +42,27 @@ def scatter_pages(kv: KVCache, page_ids, k_chunk, v_chunk) -> KVCache:
                    page_size=kv.page_size)
 
 
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")   # preferred first
+
+
+def host_memory_kind(device: jax.Device) -> str:
+    """The memory space offloaded KV is kept in: pinned host memory copies fastest over PCIe."""
+    kinds = {memory.kind for memory in device.addressable_memories()}
+    for kind in HOST_MEMORY_KINDS:
+        if kind in kinds:
+            return kind
+    raise ValueError(f"host_kv_tokens: device {device} has no host memory space (has {sorted(kinds)}); "
+                     f"set host_kv_tokens=0 to recompute evicted requests instead")
+
+
+def _moved(array: jax.Array, memory_kind: str) -> jax.Array:
+    """`array` in another memory space of the same devices (an enqueued copy)."""
+    return jax.device_put(array, array.sharding.with_memory_kind(memory_kind))
+
+
 @dataclasses.dataclass(eq=False)
 class OffloadedKV:
-    """One request's KV in host memory (chunks still landing are device arrays with a copy in flight)."""
+    """One request's KV in host memory; arrays whose copy is still in flight are ordered before any use."""
 
     chunks: list[tuple]      # (k, v) per chunk of pages
     num_pages: int
@@ -58,7 +78,6 @@ class HostKVPool:
         self.chunk_pages = max(1, chunk_tokens // page_size)
         self.used_pages = 0
         self.peak_pages = 0
-        self._landing: list[OffloadedKV] = []
 
     @property
     def used_tokens(self) -> int:
@@ -74,48 +93,24 @@ class HostKVPool:
     def _chunks_of(self, pages: list[int]):
         for begin in range(0, len(pages), self.chunk_pages):
             ids = pages[begin:begin + self.chunk_pages]
-            yield np.asarray(ids + [PADDING_PAGE] * (self.chunk_pages - len(ids)), np.int32), len(ids)
+            yield np.asarray(ids + [PADDING_PAGE] * (self.chunk_pages - len(ids)), np.int32)
 
     def offload(self, kv: KVCache, pages: list[int], sets: tuple | None) -> OffloadedKV:
         """Start copying `pages` (and the draft set) to host memory; the caller may reuse the pages at once."""
-        chunks = []
-        for ids, _ in self._chunks_of(pages):
-            k_chunk, v_chunk = gather_pages(kv.k, kv.v, ids, self.page_size)
-            k_chunk.copy_to_host_async()
-            v_chunk.copy_to_host_async()
-            chunks.append((k_chunk, v_chunk))
-        if sets is not None:
-            for array in sets:
-                array.copy_to_host_async()
-        record = OffloadedKV(chunks=chunks, num_pages=len(pages), sets=sets)
+        host = host_memory_kind(next(iter(kv.k.sharding.device_set)))
+        chunks = [tuple(_moved(chunk, host) for chunk in gather_pages(kv.k, kv.v, ids, self.page_size))
+                  for ids in self._chunks_of(pages)]
+        record = OffloadedKV(chunks=chunks, num_pages=len(pages),
+                             sets=None if sets is None else tuple(_moved(array, host) for array in sets))
         self.used_pages += len(pages)
         self.peak_pages = max(self.peak_pages, self.used_pages)
-        self._landing.append(record)
         return record
 
-    def poll(self) -> None:
-        """Move landed copies into host arrays, releasing their device buffers."""
-        still = []
-        for record in self._landing:
-            arrays = [a for chunk in record.chunks for a in chunk] + list(record.sets or ())
-            if all(not isinstance(a, jax.Array) or a.is_ready() for a in arrays):
-                self._to_host(record)
-            else:
-                still.append(record)
-        self._landing = still
-
-    @staticmethod
-    def _to_host(record: OffloadedKV) -> None:
-        record.chunks = [(np.asarray(k), np.asarray(v)) for k, v in record.chunks]
-        if record.sets is not None:
-            record.sets = tuple(np.asarray(a) for a in record.sets)
-
-    def restore(self, kv: KVCache, record: OffloadedKV, pages: list[int]) -> KVCache:
-        """Write an offloaded request's KV into its newly granted pages; frees its share of the pool."""
-        if record in self._landing:
-            self._landing.remove(record)
-            self._to_host(record)
-        for (ids, _), (k_chunk, v_chunk) in zip(self._chunks_of(pages[:record.num_pages]), record.chunks):
-            kv = scatter_pages(kv, ids, k_chunk, v_chunk)
+    def restore(self, kv: KVCache, record: OffloadedKV, pages: list[int]) -> tuple[KVCache, tuple | None]:
+        """Write an offloaded request's KV into its newly granted pages and bring its draft set back to the
+        device; frees its share of the pool."""
+        for ids, (k_chunk, v_chunk) in zip(self._chunks_of(pages[:record.num_pages]), record.chunks):
+            kv = scatter_pages(kv, ids, _moved(k_chunk, "device"), _moved(v_chunk, "device"))
         self.used_pages -= record.num_pages
-        return kv
+        sets = None if record.sets is None else tuple(_moved(array, "device") for array in record.sets)
+        return kv, sets
