@@ -16,6 +16,7 @@ import re
 
 # The optimized HLO of every step program is dumped so each kernel can be traced back to the JAX op (and name
 # scope) that produced it; this must be set before JAX starts its backend.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")   # large pools, as in bench/e2e.py
 DUMP_DIR = "/tmp/sparsespec-hlo"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR} --xla_dump_hlo_as_text"
                            " --xla_dump_hlo_pass_re=^$ --xla_dump_hlo_module_re=step_fn").strip()
