@@ -82,7 +82,8 @@ def kernel_times(trace_dir: str) -> tuple[collections.Counter, collections.Count
     return by_kernel, by_scope, launches
 
 
-def profile(shape: str, method: str, params, batch: int, context: int, trace_dir: str, steps: int = 20) -> None:
+def profile(shape: str, method: str, params, batch: int, context: int, trace_dir: str, trace: bool,
+            steps: int = 20) -> None:
     max_len = context + 400
     config = EngineConfig(dtype="bfloat16", max_batch_size=batch, kv_cache_tokens=batch * max_len,
                           max_model_len=max_len, max_num_batched_tokens=batch * (K + 1), min_context_bucket=max_len)
@@ -92,6 +93,16 @@ def profile(shape: str, method: str, params, batch: int, context: int, trace_dir
     for _ in range(40):
         engine.step()
     jax.block_until_ready(engine.kv.k)
+    # Untraced first: tracing changes what it measures (XLA turns command buffers off while profiling).
+    for _ in range(steps):
+        engine.step()
+    window = engine.metrics.steps[-steps:]
+    print(f"\n== {shape} B{batch} L{context} {method} untraced: wall {np.median([s.step_ms for s in window]):.2f} "
+          f"ms/step (host {np.median([s.host_ms for s in window]):.2f}, of it dispatch "
+          f"{np.median([s.dispatch_ms for s in window]):.2f}; medians), emitted/step "
+          f"{np.mean([s.emitted_tokens for s in window]):.0f}")
+    if not trace:
+        return
     directory = f"{trace_dir}/{method}"
     with jax.profiler.trace(directory):
         for _ in range(steps):
@@ -118,10 +129,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--methods", nargs="+", default=["none", "pillar"])
     parser.add_argument("--trace-dir", default="/tmp/sparsespec-trace")
+    parser.add_argument("--no-trace", action="store_true", help="only the untraced window's wall/host/dispatch")
     args = parser.parse_args()
     params = random_params(SHAPES[args.shape], seed=0, dtype=jnp.bfloat16)
     for method in args.methods:
-        profile(args.shape, method, params, args.batch, args.context, args.trace_dir)
+        profile(args.shape, method, params, args.batch, args.context, args.trace_dir, not args.no_trace)
 
 
 if __name__ == "__main__":
