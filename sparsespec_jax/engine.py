@@ -187,9 +187,9 @@ class Engine:
 
     def _restore(self, request: Request) -> None:
         record, request.offloaded_kv = request.offloaded_kv, None
-        self.kv = self.host_kv.restore(self.kv, record, self.table.pages(request.slot).tolist())
+        self.kv, saved_set = self.host_kv.restore(self.kv, record, self.table.pages(request.slot).tolist())
         state = self.slot_state
-        sets = state.sets if record.sets is None else _write_set(state.sets, request.slot, *record.sets)
+        sets = state.sets if saved_set is None else _write_set(state.sets, request.slot, *saved_set)
         window = _write_newest(state.window, request.slot, request.token_slice(request.num_tokens - 1,
                                                                                 request.num_tokens)[0])
         self.slot_state = SlotState(window=window, draft_log_q=state.draft_log_q, sets=sets)
@@ -250,7 +250,6 @@ class Engine:
         started, compilations = time.perf_counter(), self._compilations()
         self._waited, self._taken, self._dispatch_s = 0.0, 0, 0.0
         finished: list[Request] = []
-        self.host_kv.poll()
         if self._in_flight is not None and self.scheduler.pages_short():
             finished += self._settle()                  # evicting needs every request's state on the host
         plan = self.scheduler.schedule()
@@ -305,7 +304,10 @@ class Engine:
         return self._read(in_flight)
 
     def _read(self, in_flight: _InFlight) -> list[Request]:
-        """Consume a dispatched step's emitted tokens; returns the requests that finished."""
+        """Consume a dispatched step's emitted tokens; returns the requests that finished.
+
+        Rows that cannot finish now (no stop token among their tokens, below the length limit, no stop strings
+        to match) are checked together and only append their tokens; the others take _append_tokens."""
         waited = time.perf_counter()
         tokens, num_emitted = np.asarray(in_flight.outputs.tokens), np.asarray(in_flight.outputs.num_emitted)
         self._waited += time.perf_counter() - waited
@@ -313,26 +315,47 @@ class Engine:
         rows = np.flatnonzero(plan.emits)                 # emitting rows, in the order the batch lists them
         slots = plan.slot[rows]
         emitted = num_emitted[:len(rows)].astype(np.int64)
+        tokens = tokens[:len(rows)]
         valid = plan.generation[rows] == table.generation[slots]   # else finished or evicted since: stale
-        stalled = valid & plan.stalls[rows]
-        flowing = valid & ~plan.stalls[rows]
+        stalls = plan.stalls[rows]
+        stalled, flowing = valid & stalls, valid & ~stalls
         table.awaiting[slots[stalled]] = False
         table.computed[slots[stalled]] = plan.cycle_start[rows[stalled]] + emitted[stalled]
         table.total[slots[stalled]] += emitted[stalled]
         table.pending[slots[flowing]] -= 1
-        verified = valid & (plan.kind[rows] == RowKind.VERIFY) if self.spec.speculative else np.zeros_like(valid)
-        np.add.at(self.acceptance_counts, emitted[verified] - 1, 1)
+        requests, now = table.requests, time.perf_counter()
+        if self.spec.speculative:
+            verified = np.flatnonzero(valid & (plan.kind[rows] == RowKind.VERIFY))
+            self.acceptance_counts += np.bincount(emitted[verified] - 1, minlength=len(self.acceptance_counts))
+            for slot, drafts, count in zip(slots[verified].tolist(), plan.num_drafts[rows[verified]].tolist(),
+                                           emitted[verified].tolist()):
+                stats = requests[slot].stats
+                stats.verifies += 1
+                stats.drafted_tokens += drafts
+                stats.accepted_tokens += count - 1
+        self._taken += int(emitted[valid].sum())
+        read = np.arange(tokens.shape[1]) < emitted[:, None]
+        stop_hit = ((tokens[:, :, None] == table.stop_tokens[slots][:, None, :]).any(2) & read).any(1)
+        may_finish = stop_hit | table.stop_strings[slots] | (emitted >= table.cap[slots] - table.recorded[slots])
+        table.recorded[slots[valid]] += emitted[valid]
+        for slot in slots[valid & table.before_first_token[slots]].tolist():
+            requests[slot].stats.first_token_time = now
+        table.before_first_token[slots[valid]] = False
+        appending = np.flatnonzero(valid & ~may_finish)
+        counts = emitted[appending]
+        if (counts == 1).all():                           # plain decoding: one token per row
+            for slot, token in zip(slots[appending].tolist(), tokens[appending, 0].tolist()):
+                requests[slot].output_ids.append(token)
+        else:
+            appended = tokens[appending][read[appending]].tolist()     # their tokens, row after row
+            start = 0
+            for slot, end in zip(slots[appending].tolist(), np.cumsum(counts).tolist()):
+                requests[slot].output_ids.extend(appended[start:end])
+                start = end
         finished = []
-        now = time.perf_counter()
-        for i in np.flatnonzero(valid):
-            request = table.requests[slots[i]]
-            count = int(emitted[i])
-            if verified[i]:
-                request.stats.verifies += 1
-                request.stats.drafted_tokens += int(plan.num_drafts[rows[i]])
-                request.stats.accepted_tokens += count - 1
-            self._taken += count
-            if self._append_tokens(request, tokens[i, :count].tolist(), now):
+        for i in np.flatnonzero(valid & may_finish):
+            request = requests[slots[i]]
+            if self._append_tokens(request, tokens[i, :emitted[i]].tolist(), now):
                 finished.append(request)
         return finished
 
@@ -362,7 +385,6 @@ class Engine:
             if detokenizer.stopped:
                 keep, reason = detokenizer.num_tokens_to_keep - before, "stop"
         request.output_ids.extend(tokens[:keep])
-        request.stats.output_tokens = len(request.output_ids)
         if request.stats.first_token_time is None:
             request.stats.first_token_time = now
         if reason is None:

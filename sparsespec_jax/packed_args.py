@@ -30,16 +30,16 @@ def pack(tree) -> tuple[np.ndarray, PackedLayout]:
     parts, described = [], []
     for leaf in leaves:
         array = np.asarray(leaf)
-        described.append((array.shape, array.dtype.str))
-        if array.dtype == np.bool_:
-            array = array.astype(np.int32)
-        elif array.dtype.itemsize == 4:
-            array = array.view(np.int32)
-        else:
-            raise TypeError(f"pack: leaf of dtype {array.dtype} (shape {array.shape}); only 32-bit and bool "
+        dtype = array.dtype
+        described.append((array.shape, dtype.str))
+        if dtype.itemsize == 4 and dtype != np.int32:
+            array = array.view(np.int32)                 # bits travel unchanged (float32, uint32)
+        elif dtype != np.int32 and dtype != np.bool_:    # bools become 0 / 1 in the concatenation
+            raise TypeError(f"pack: leaf of dtype {dtype} (shape {array.shape}); only 32-bit and bool "
                             f"arrays can be packed")
         parts.append(array.ravel())
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32), PackedLayout(treedef, tuple(described))
+    buffer = np.concatenate(parts, dtype=np.int32) if parts else np.zeros(0, np.int32)
+    return buffer, PackedLayout(treedef, tuple(described))
 
 
 def unpack(buffer: jax.Array, layout: PackedLayout):

@@ -7,6 +7,8 @@ import enum
 import time
 from typing import Any
 
+import numpy as np
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"      # not admitted yet, or preempted (its KV freed; recomputed on return)
@@ -79,14 +81,32 @@ class Request:
         self.has_sets = False          # its draft token set exists (after the first verify)
         self.offloaded_kv = None       # its KV in host memory while OFFLOADED
         self.finish_reason: str | None = None
-        self.stats = RequestStats(prompt_tokens=len(prompt_ids), arrival_time=time.perf_counter())
+        self._stats = RequestStats(prompt_tokens=len(prompt_ids), arrival_time=time.perf_counter())
+        self._history = np.asarray(self.prompt_ids, np.int64)   # token_history()'s array, grown on demand
+        self._history_length = len(self.prompt_ids)
 
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def stats(self) -> RequestStats:
+        """Its statistics, output_tokens brought up to date (the engine appends tokens without touching them)."""
+        self._stats.output_tokens = len(self.output_ids)
+        return self._stats
+
+    def token_history(self) -> np.ndarray:
+        """All its tokens as an int64 array (a view, valid until the next call). Outputs are only ever
+        appended, so each call converts just the tokens added since the last one, not the whole context."""
+        total = len(self.prompt_ids) + len(self.output_ids)
+        if total > len(self._history):
+            grown = np.empty(max(total, 2 * len(self._history)), np.int64)
+            grown[:self._history_length] = self._history[:self._history_length]
+            self._history = grown
+        if total > self._history_length:
+            added = self.output_ids[self._history_length - len(self.prompt_ids):]
+            self._history[self._history_length:total] = added
+            self._history_length = total
+        return self._history[:total]
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        """Tokens at positions [start, stop) (stop <= num_tokens), without building all_ids."""
+        """Tokens at positions [start, stop) (stop <= num_tokens), without joining prompt and output."""
         prompt_len = len(self.prompt_ids)
         if stop <= prompt_len:
             return self.prompt_ids[start:stop]

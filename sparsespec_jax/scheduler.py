@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -61,23 +61,29 @@ class StepPlan:
     proposals: np.ndarray | None  # int32 [R, k]: host-made drafts of VERIFY rows (n-gram), else None
 
 
+_FLAGS = frozenset(("sparse", "refresh", "emits", "stalls"))    # boolean row fields of a plan
+
+
 def _plan(slot, kind, start, num_tokens, *, draft_index=0, num_drafts=0, cycle_start=0, sparse=False,
           refresh=False, emits=False, stalls=False, phase=-1, prompt_tokens=None, proposals=None) -> dict:
-    """Row arrays of one group, scalars broadcast."""
+    """Row arrays of one group (each its own copy), scalars broadcast."""
     n = len(slot)
     fields = dict(slot=slot, kind=kind, start=start, num_tokens=num_tokens, draft_index=draft_index,
                   num_drafts=num_drafts, cycle_start=cycle_start, sparse=sparse, refresh=refresh, emits=emits,
                   stalls=stalls, phase=phase)
-    dtypes = dict(sparse=bool, refresh=bool, emits=bool, stalls=bool)
-    out = {name: np.broadcast_to(np.asarray(value, dtypes.get(name, np.int64)), (n,)).copy()
-           for name, value in fields.items()}
+    out = {}
+    for name, value in fields.items():
+        dtype = bool if name in _FLAGS else np.int64
+        out[name] = np.array(value, dtype) if isinstance(value, np.ndarray) else np.full(n, value, dtype)
     out["prompt_tokens"] = prompt_tokens or {}
     out["proposals"] = proposals
     return out
 
 
 def _select(rows: dict, keep: np.ndarray) -> dict:
-    """The rows of a group (or plan) where `keep` holds."""
+    """The rows of a group (or plan) where `keep` holds (the same dict when it holds everywhere)."""
+    if keep.all():
+        return rows
     return {name: (value[keep] if isinstance(value, np.ndarray) else value) for name, value in rows.items()}
 
 
@@ -89,7 +95,7 @@ class CyclePolicy:
     drafts_with_model: bool = False
     mode: str = "unified"
     stall_steps: int = 1          # steps a request sits out after a verify (0 when the host syncs every step)
-    propose: Callable[[Sequence[int], int], list[int]] | None = None    # host drafts (n-gram)
+    propose: Callable[[np.ndarray, int], list[int]] | None = None       # host drafts (n-gram)
 
     @property
     def cycle_length(self) -> int:
@@ -216,7 +222,7 @@ class Scheduler:
                 unread = int(table.pending[slot])
                 if unread <= 1 and room[i] > 1:
                     wanted = min(policy.k, int(room[i]) - 1)
-                    drafts = policy.propose(table.requests[slot].all_ids, wanted + unread)[unread:]
+                    drafts = policy.propose(table.requests[slot].token_history(), wanted + unread)[unread:]
                     proposals[i, :len(drafts)], num_drafts[i] = drafts, len(drafts)
             return _plan(slots, RowKind.VERIFY, start, num_drafts + 1, num_drafts=num_drafts, cycle_start=start,
                          emits=True, stalls=num_drafts > 0, proposals=proposals)
@@ -323,10 +329,10 @@ class Scheduler:
         for group in groups:
             if self.policy.host_drafts and group["proposals"] is None:
                 group["proposals"] = np.zeros((len(group["slot"]), self.policy.k), np.int32)
-        plan = {name: np.concatenate([g[name] for g in groups]) for name in groups[0]
-                if name not in ("prompt_tokens", "proposals")}
-        if self.policy.host_drafts:
-            plan["proposals"] = np.concatenate([g["proposals"] for g in groups])
+        row_fields = [name for name in groups[0] if name != "prompt_tokens"
+                      and (name != "proposals" or self.policy.host_drafts)]
+        plan = {name: groups[0][name] if len(groups) == 1 else np.concatenate([g[name] for g in groups])
+                for name in row_fields}
         prompt_tokens = {slot: tokens for g in groups for slot, tokens in g["prompt_tokens"].items()}
         # Rows of requests evicted after they were planned (their slot's generation moved on) are dropped.
         plan = _select(plan, plan["generation"] == table.generation[plan["slot"]])

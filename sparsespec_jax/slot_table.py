@@ -42,12 +42,20 @@ class SlotTable:
         self.has_sets = np.zeros(num_slots, bool)         # its draft token set exists
         self.window_ready = np.zeros(num_slots, bool)     # the device slot window holds its newest token
         self.steps = np.zeros(num_slots, np.int64)        # steps it took part in since admission
-        self.page_table = np.full((num_slots, max_pages), PADDING_PAGE, np.int32)
+        # One row more than slots: the spare slot's (index num_slots), all padding, which a batch's padding rows
+        # gather so that page tables are built with one gather each.
+        self.page_table = np.full((num_slots + 1, max_pages), PADDING_PAGE, np.int32)
         self.num_pages = np.zeros(num_slots, np.int64)
         self.temperature = np.zeros(num_slots, np.float32)
         self.top_p = np.ones(num_slots, np.float32)
         self.top_k = np.zeros(num_slots, np.int32)
         self.seed = np.zeros(num_slots, np.uint32)
+        # Reading a step's tokens checks every emitting row at once; only rows that may finish (a stop token,
+        # the length limit) or that match stop strings take the per-request path.
+        self.recorded = np.zeros(num_slots, np.int64)     # tokens on the request (prompt and output read so far)
+        self.stop_tokens = np.full((num_slots, 1), -1, np.int64)   # its stop token ids, padded with -1
+        self.stop_strings = np.zeros(num_slots, bool)     # its output is matched against stop strings
+        self.before_first_token = np.zeros(num_slots, bool)   # no output token read yet (time to first token)
         self._admissions = 0
 
     def assign(self, slot: int, request: Request, cap: int) -> None:
@@ -70,6 +78,16 @@ class SlotTable:
         self.steps[slot] = 0
         self.temperature[slot], self.top_p[slot] = params.temperature, params.top_p
         self.top_k[slot], self.seed[slot] = max(params.top_k, 0), request.seed
+        self.recorded[slot] = request.num_tokens
+        stop_ids = sorted(request.stop_ids)
+        if len(stop_ids) > self.stop_tokens.shape[1]:      # widen for the request with the most stop ids yet
+            wider = np.full((len(self.stop_tokens), len(stop_ids)), -1, np.int64)
+            wider[:, :self.stop_tokens.shape[1]] = self.stop_tokens
+            self.stop_tokens = wider
+        self.stop_tokens[slot] = -1
+        self.stop_tokens[slot, :len(stop_ids)] = stop_ids
+        self.stop_strings[slot] = request.detokenizer.matches_stop_strings
+        self.before_first_token[slot] = request.stats.first_token_time is None
 
     def vacate(self, slot: int) -> Request:
         """Free the slot and its pages; park what outlives the stay on the request."""

@@ -111,12 +111,16 @@ def rows_array(values, spare: int, size: int, dtype=np.int32) -> np.ndarray:
 
 def build_unified_batch(plan: StepPlan, table: SlotTable, limits: BucketLimits, width: int,
                         spare_slot: int) -> UnifiedBatch:
-    """width = k + 1 (1 without speculation): the window row length.
+    """width = k + 1 (1 without speculation): the window row length. spare_slot: the slot padding rows name,
+    the table's last page-table row (all padding).
 
     Buckets are tied to keep the number of compiled shapes small: every draft row has an entry in the sparse
     group (dense ones as dead entries, their real token in the full group), the emitting rows are padded to
     the full group's row count, and without prompt chunks the full group holds exactly width tokens per row.
     """
+    if spare_slot != len(table.page_table) - 1:
+        raise ValueError(f"spare_slot {spare_slot}: must be the slot table's padding row "
+                         f"{len(table.page_table) - 1}")
     kind, slot, start = plan.kind, plan.slot, plan.start
     is_draft = kind == RowKind.DRAFT
     draft_rows = np.flatnonzero(is_draft)
@@ -167,16 +171,15 @@ def build_unified_batch(plan: StepPlan, table: SlotTable, limits: BucketLimits, 
         at = token_of[r]
         tokens[at:at + plan.num_tokens[r]] = plan.prompt_tokens[int(slot[r])]
 
-    sparse_pages = np.full((num_sparse, num_pages), PADDING_PAGE, np.int32)
-    sparse_pages[:len(draft_rows)] = np.where(sparse_draft[:, None], page_table[slot[draft_rows], :num_pages],
-                                              PADDING_PAGE)
-    sparse = SparseRows(slot=rows_array(np.where(sparse_draft, slot[draft_rows], spare_slot), spare_slot, num_sparse),
+    # Page tables are gathered in one go: entries without a live row read the spare slot's row, all padding.
+    sparse_slot = rows_array(np.where(sparse_draft, slot[draft_rows], spare_slot), spare_slot, num_sparse)
+    sparse = SparseRows(slot=sparse_slot,
                         cycle_start=rows_array(plan.cycle_start[draft_rows], 0, num_sparse),
                         draft_index=rows_array(plan.draft_index[draft_rows], 0, num_sparse),
-                        page_tables=sparse_pages, live=rows_array(sparse_draft, False, num_sparse, bool))
+                        page_tables=page_table[sparse_slot, :num_pages],
+                        live=rows_array(sparse_draft, False, num_sparse, bool))
 
-    page_tables = np.full((num_full, num_pages), PADDING_PAGE, np.int32)
-    page_tables[:len(full_rows)] = page_table[slot[full_rows], :num_pages]
+    page_tables = page_table[rows_array(slot[full_rows], spare_slot, num_full), :num_pages]
     meta = AttentionMetadata(q_start=rows_array(q_start, 0, num_full), q_len=rows_array(q_len, 0, num_full),
                              kv_len=rows_array(start[full_rows] + q_len, 0, num_full), page_tables=page_tables,
                              write_slots=write_slots, page_size=ps, max_q_len=max_q)

@@ -1,15 +1,20 @@
-"""Where a steady-state step's host time goes on a GPU: per-phase wall time, jit cache growth, and a cProfile.
+"""Where a steady-state step's host time goes: per-phase wall time, jit cache growth, and optionally a cProfile.
 
-Qwen3-1.7B-shaped random bf16 weights, 128 requests placed at 2048 tokens, vanilla and pillar (replayed
-acceptance). Phases are timed by wrapping the engine's own calls, so the numbers are what the engine spends.
+Random weights of a paper-scale shape (sparsespec_jax/benchmark/shapes.py), `--batch` requests placed at
+`--context` tokens, vanilla and pillar (replayed acceptance). Phases are timed by wrapping the engine's own
+calls, so the numbers are what the engine spends. "host - dispatch" is the host's own work per step: planning,
+packing and reading results, without the jitted call and without waiting for the device.
 
-  PYTHONPATH=$PWD python scripts/gpu/host_profile.py
+  PYTHONPATH=$PWD python scripts/gpu/host_profile.py --shape smollm2-shaped --batch 256 --context 1024
+  PYTHONPATH=$PWD python scripts/gpu/host_profile.py --layers 2 --hidden 64 --vocab 512   # a tiny model on CPU
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import cProfile
+import dataclasses
 import pstats
 import time
 
@@ -17,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparsespec_jax.engine as engine_module
-from sparsespec_jax.benchmark.shapes import QWEN3_1_7B, placeholder_tokenizer
+from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
@@ -40,40 +45,68 @@ def timed(owner, name: str, label: str, totals: dict) -> None:
     setattr(owner, name, wrapper)
 
 
-def profile(method: str, params, steps: int = 60) -> None:
-    config = EngineConfig(dtype="bfloat16", max_batch_size=128, kv_cache_tokens=128 * 2400, max_model_len=2400,
-                          max_num_batched_tokens=128 * 9, min_batch_bucket=16, min_context_bucket=2400)
+def profile(method: str, cfg, params, args) -> None:
+    batch, context = args.batch, args.context
+    length = context + args.warmup + args.steps + 100
+    config = EngineConfig(dtype=args.dtype, max_batch_size=batch, kv_cache_tokens=batch * length,
+                          max_model_len=length, max_num_batched_tokens=batch * 9, min_context_bucket=length)
     spec = SpecConfig(method=method, k=8, replay_acceptance=REPLAY if method != "none" else None)
-    engine = Engine(QWEN3_1_7B, params, placeholder_tokenizer(), config, spec)
+    engine = Engine(cfg, params, placeholder_tokenizer(), config, spec)
     jitted = engine._step_fn
     totals = collections.defaultdict(float)
     for owner, name, label in ((engine.scheduler, "schedule", "schedule"), (engine.scheduler, "apply", "apply"),
                                (engine_module, "build_unified_batch", "build"), (engine_module, "pack", "pack"),
-                               (engine, "_step_fn", "dispatch"), (engine, "_read", "read (incl. wait)"),
-                               (engine.scheduler, "pages_short", "pages_short")):
+                               (engine, "_sampling_arrays", "sampling"), (engine, "_read", "read (incl. wait)"),
+                               (engine, "_record", "record"), (engine.scheduler, "pages_short", "pages_short")):
         timed(owner, name, label, totals)
-    place_at_context(engine, 128, 2048, 300, seed=1)
-    for _ in range(40):
+    place_at_context(engine, batch, context, args.warmup + args.steps + 50, seed=1)
+    for _ in range(args.warmup):
         engine.step()
     cache_before = jitted._cache_size()
     totals.clear()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
+    for _ in range(args.steps):
         engine.step()
-    profiler.disable()
-    window = engine.metrics.steps[-steps:]
-    print(f"\n== {method}: host {np.median([s.host_ms for s in window]):.2f} ms/step (median), blocked "
-          f"{np.median([s.wait_ms for s in window]):.2f}, tokens/step {np.mean([s.tokens for s in window]):.0f}, "
-          f"jit cache {cache_before} -> {jitted._cache_size()}")
-    print("   per step, ms: " + "  ".join(f"{label} {1e3 * total / steps:.3f}" for label, total in totals.items()))
-    pstats.Stats(profiler).sort_stats("cumtime").print_stats(18)
+    if profiler:
+        profiler.disable()
+    window = engine.metrics.steps[-args.steps:]
+    own = np.array([s.host_ms - s.dispatch_ms for s in window])
+    print(f"\n== {method}, batch {batch}, context {context}: host {np.median([s.host_ms for s in window]):.3f} ms/step "
+          f"(median), dispatch {np.median([s.dispatch_ms for s in window]):.3f}, host - dispatch median "
+          f"{np.median(own):.3f} mean {own.mean():.3f}, blocked {np.median([s.wait_ms for s in window]):.2f}, "
+          f"tokens/step {np.mean([s.tokens for s in window]):.0f}, jit cache {cache_before} -> {jitted._cache_size()}")
+    print("   per step, ms: " + "  ".join(f"{label} {1e3 * total / args.steps:.3f}" for label, total in totals.items()))
+    if profiler:
+        pstats.Stats(profiler).sort_stats("cumtime").print_stats(25)
 
 
 def main() -> None:
-    params = random_params(QWEN3_1_7B, seed=0, dtype=jnp.bfloat16)
-    for method in ("none", "pillar"):
-        profile(method, params)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-1.7b-shaped")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--layers", type=int, help="override the shape's layer count")
+    parser.add_argument("--hidden", type=int, help="a narrow model: this hidden size, 2 heads, 1 KV head of 32")
+    parser.add_argument("--vocab", type=int, help="override the shape's vocabulary size")
+    parser.add_argument("--methods", nargs="+", default=["none", "pillar"])
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
+    args = parser.parse_args()
+    cfg = SHAPES[args.shape]
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    if args.hidden:
+        cfg = dataclasses.replace(cfg, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_heads=2,
+                                  num_kv_heads=1, head_dim=32)
+    if args.vocab:
+        cfg = dataclasses.replace(cfg, vocab_size=args.vocab)
+    params = random_params(cfg, seed=0, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    for method in args.methods:
+        profile(method, cfg, params, args)
 
 
 if __name__ == "__main__":
