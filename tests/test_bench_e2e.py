@@ -1,4 +1,5 @@
-"""`sparsespec bench`: the smoke run writes a well-formed report; roofline and length-integration arithmetic."""
+"""`sparsespec bench`: the smoke run writes a well-formed report; roofline and length-integration arithmetic;
+a timed window refuses a batch that shrank."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import json
 import math
 import struct
 
+import jax.numpy as jnp
 import pytest
 
-from sparsespec_jax.benchmark import report, roofline
+from sparsespec_jax.benchmark import e2e, report, roofline
 from sparsespec_jax.benchmark.e2e import (METHODS, BenchConfig, context_prompts, integrate_over_output_length,
                                           parse_replay, read_prompts, smoke_config)
 from sparsespec_jax.cli import EXIT_INVALID_JOB, EXIT_OK, main
 from sparsespec_jax.config import ModelConfig
+from sparsespec_jax.model import random_params
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.step_metrics import StepMetrics
 
@@ -224,3 +227,14 @@ def test_real_context_windows_prefill_real_text_and_time_each_context(tmp_path, 
     assert points[("pillar", 72)]["verifies"] > 0 and points[("none", 72)]["verifies"] == 0
     text = (tmp_path / "windows.md").read_text()
     assert "steady-state windows" in text and "| real B1 L40 |" in text and "| real B1 L72 |" in text
+
+
+def test_a_window_whose_batch_shrinks_is_refused():
+    """A timed window must measure the batch it names: requests that stop inside it fail the point."""
+    config = smoke_config(warmup=10, steps=2)
+    cfg = e2e.SHAPE_CHOICES[config.shape]
+    engine = e2e._placed_engine(cfg, random_params(cfg, seed=0, dtype=jnp.bfloat16), 2, 96, "none", config,
+                                sync=False)
+    engine.scheduler.finish(engine.scheduler.running[0])      # one of the two stops before the window ends
+    with pytest.raises(RuntimeError, match="1 requests stopped during the window"):
+        e2e._window_point(engine, "shaped", "none", 2, 96, config)
