@@ -1,9 +1,10 @@
-"""Where a steady-state step's device time goes on a GPU: kernels by total time per step, from a jax.profiler
-trace of a short window, grouped by kernel name and by the JAX name scope that emitted them. Random weights and
-KV, requests placed at a context, acceptance replayed (the profile is about kernels, not acceptance).
+"""Where a steady-state step's device time goes on a GPU: kernels by total time per step and launches per
+step, from a jax.profiler trace of a short window, after an untraced window's wall, host and dispatch times.
+Random weights and KV, requests placed at a context, acceptance replayed (the profile is about kernels, not
+acceptance).
 
   PYTHONPATH=$PWD python scripts/gpu/device_profile.py [--shape smollm2-shaped] [--batch 256] [--context 4096]
-      [--methods none pillar] [--trace-dir DIR]
+      [--methods none pillar] [--trace-dir DIR] [--no-trace]
 """
 
 from __future__ import annotations
@@ -12,14 +13,8 @@ import argparse
 import collections
 import glob
 import os
-import re
 
-# The optimized HLO of every step program is dumped so each kernel can be traced back to the JAX op (and name
-# scope) that produced it; this must be set before JAX starts its backend.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")   # large pools, as in bench/e2e.py
-DUMP_DIR = "/tmp/sparsespec-hlo"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR} --xla_dump_hlo_as_text"
-                           " --xla_dump_hlo_pass_re=^$ --xla_dump_hlo_module_re=step_fn").strip()
 
 import jax
 import jax.numpy as jnp
@@ -35,40 +30,12 @@ REPLAY = (0.08, 0.05, 0.05, 0.05, 0.06, 0.07, 0.08, 0.10, 0.46)
 K = 8
 
 
-INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]+)"')
-
-
-def op_names() -> dict[tuple[str, str], str]:
-    """(module, instruction) -> the JAX op_name XLA kept in the instruction's metadata, from the HLO dumps."""
-    names = {}
-    for path in glob.glob(f"{DUMP_DIR}/*after_optimizations.txt"):
-        module = os.path.basename(path).split(".")[1]
-        with open(path) as dump:
-            for line in dump:
-                match = INSTRUCTION.match(line)
-                if match:
-                    names[(module, match.group(1))] = match.group(2)
-    return names
-
-
-def scope_of(event, names: dict) -> str:
-    """The JAX op behind a kernel, without the jit/loop wrappers, to four levels; else the kernel's name."""
-    stats = {key: str(value) for key, value in event.stats}
-    op_name = names.get((stats.get("hlo_module", ""), stats.get("hlo_op", "")))
-    if op_name is None:
-        return f"[{event.name}]"
-    parts = [p for p in op_name.split("/") if p and not p.startswith(("jit(", "while", "body", "cond",
-                                                                      "closed_call", "pjit", "checkpoint"))]
-    return "/".join(parts[:4]) or f"[{event.name}]"
-
-
-def kernel_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter, int]:
-    """Total nanoseconds per kernel name and per name scope over the GPU planes of the newest trace, and the
-    number of kernel launches."""
+def kernel_times(trace_dir: str) -> tuple[collections.Counter, int]:
+    """Total nanoseconds per kernel name over the GPU planes of the newest trace, and the number of kernel
+    launches."""
     [path] = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1:]
     by_kernel: collections.Counter = collections.Counter()
-    by_scope: collections.Counter = collections.Counter()
-    launches, names = 0, op_names()
+    launches = 0
     for plane in jax.profiler.ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -77,9 +44,8 @@ def kernel_times(trace_dir: str) -> tuple[collections.Counter, collections.Count
                 continue
             for event in line.events:
                 by_kernel[event.name] += event.duration_ns
-                by_scope[scope_of(event, names)] += event.duration_ns
                 launches += 1
-    return by_kernel, by_scope, launches
+    return by_kernel, launches
 
 
 def profile(shape: str, method: str, params, batch: int, context: int, trace_dir: str, trace: bool,
@@ -108,17 +74,15 @@ def profile(shape: str, method: str, params, batch: int, context: int, trace_dir
         for _ in range(steps):
             engine.step()
         jax.block_until_ready(engine.kv.k)
-    by_kernel, by_scope, launches = kernel_times(directory)
+    by_kernel, launches = kernel_times(directory)
     window = engine.metrics.steps[-steps:]
     total = sum(by_kernel.values())
     print(f"\n== {shape} B{batch} L{context} {method}: device kernels {total / 1e6 / steps:.2f} ms/step, "
           f"{launches / steps:.0f} launches/step, wall {np.mean([s.step_ms for s in window]):.2f} ms/step "
           f"(host {np.mean([s.host_ms for s in window]):.2f}, of it dispatch "
           f"{np.mean([s.dispatch_ms for s in window]):.2f}), tokens fed/step {np.mean([s.tokens for s in window]):.0f}")
-    for title, totals in (("by scope", by_scope), ("by kernel", by_kernel)):
-        print(f"  -- {title}")
-        for name, ns in totals.most_common(18):
-            print(f"  {ns / 1e6 / steps:8.3f} ms  {100 * ns / total:5.1f}%  {name[:120]}")
+    for name, ns in by_kernel.most_common(25):
+        print(f"  {ns / 1e6 / steps:8.3f} ms  {100 * ns / total:5.1f}%  {name[:120]}")
     del engine
 
 
