@@ -385,8 +385,6 @@ class Engine:
             if detokenizer.stopped:
                 keep, reason = detokenizer.num_tokens_to_keep - before, "stop"
         request.output_ids.extend(tokens[:keep])
-        if request.stats.first_token_time is None:
-            request.stats.first_token_time = now
         if reason is None:
             return False
         if not detokenizer.matches_stop_strings:
