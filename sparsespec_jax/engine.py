@@ -35,7 +35,7 @@ from sparsespec_jax.spec.draft_sets import DraftSets
 from sparsespec_jax.spec.ngram import propose_ngram
 from sparsespec_jax.step_batch import BucketLimits, build_unified_batch, rows_array
 from sparsespec_jax.step_metrics import StepLog, StepMetrics
-from sparsespec_jax.unified_step import StepOutputs, make_step_fn
+from sparsespec_jax.unified_step import make_step_fn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -99,12 +99,18 @@ def _write_newest(window, slot, token):
     return window.at[slot, 0].set(token)
 
 
+@jax.jit
+def _copy_emitted(emitted):
+    """A step's outputs, copied out of the slot state that the next step will overwrite."""
+    return jnp.copy(emitted)
+
+
 @dataclasses.dataclass
 class _InFlight:
     """A dispatched step whose emitted tokens the host has not read yet."""
 
     plan: StepPlan
-    outputs: StepOutputs
+    emitted: jax.Array       # SlotState.emitted after the step
 
 
 class Engine:
@@ -142,7 +148,8 @@ class Engine:
         self._step_fn = make_step_fn(self.graphdef, spec, self.backend)
         # Every jitted program an iteration may run. Offloading and restoring compile theirs on first use, inside
         # an iteration like a new step shape does, so an iteration is flagged as compiling if any of them grew.
-        self._programs = (self._step_fn, gather_pages, scatter_pages, _read_set, _write_set, _write_newest)
+        self._programs = (self._step_fn, _copy_emitted, gather_pages, scatter_pages, _read_set, _write_set,
+                          _write_newest)
         self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.width = k + 1
@@ -192,7 +199,7 @@ class Engine:
         sets = state.sets if saved_set is None else _write_set(state.sets, request.slot, *saved_set)
         window = _write_newest(state.window, request.slot, request.token_slice(request.num_tokens - 1,
                                                                                 request.num_tokens)[0])
-        self.slot_state = SlotState(window=window, draft_log_q=state.draft_log_q, sets=sets)
+        self.slot_state = dataclasses.replace(state, window=window, sets=sets)
         self.table.window_ready[request.slot] = True
         self.num_restores += 1
 
@@ -206,8 +213,8 @@ class Engine:
         self.scheduler.admit(request)
         self.table.grow(np.array([request.slot]), np.array([len(prompt_ids) + reserve_tokens]))
         state = self.slot_state
-        self.slot_state = SlotState(window=_write_newest(state.window, request.slot, prompt_ids[-1]),
-                                    draft_log_q=state.draft_log_q, sets=state.sets)
+        self.slot_state = dataclasses.replace(state, window=_write_newest(state.window, request.slot,
+                                                                          prompt_ids[-1]))
         self.table.window_ready[request.slot] = True
         return request
 
@@ -265,13 +272,13 @@ class Engine:
                                self._sampling_arrays(plan.slot[plan.kind == RowKind.DRAFT], batch.drafts.slot.shape[0]),
                                self._sampling_arrays(plan.slot[plan.emits], batch.emits.slot.shape[0])))
         dispatched = time.perf_counter()
-        outputs, self.kv, self.slot_state = self._step_fn(self.state, self.kv, self.slot_state, buffer, layout)
+        self.kv, self.slot_state = self._step_fn(self.state, self.kv, self.slot_state, buffer, layout)
+        emitted = _copy_emitted(self.slot_state.emitted)
         self._dispatch_s = time.perf_counter() - dispatched
-        outputs.tokens.copy_to_host_async()
-        outputs.num_emitted.copy_to_host_async()
+        emitted.copy_to_host_async()
         self.scheduler.apply(plan)
         self.num_steps += 1
-        previous, self._in_flight = self._in_flight, _InFlight(plan, outputs)
+        previous, self._in_flight = self._in_flight, _InFlight(plan, emitted)
         if previous is not None:
             finished += self._read(previous)            # step t-1 while step t runs
         if self.config.sync_host:
@@ -309,13 +316,14 @@ class Engine:
         Rows that cannot finish now (no stop token among their tokens, below the length limit, no stop strings
         to match) are checked together and only append their tokens; the others take _append_tokens."""
         waited = time.perf_counter()
-        tokens, num_emitted = np.asarray(in_flight.outputs.tokens), np.asarray(in_flight.outputs.num_emitted)
+        outputs = np.asarray(in_flight.emitted)
         self._waited += time.perf_counter() - waited
         plan, table = in_flight.plan, self.table
         rows = np.flatnonzero(plan.emits)                 # emitting rows, in the order the batch lists them
         slots = plan.slot[rows]
-        emitted = num_emitted[:len(rows)].astype(np.int64)
-        tokens = tokens[:len(rows)]
+        outputs = outputs[slots]
+        emitted = outputs[:, 0].astype(np.int64)
+        tokens = outputs[:, 1:]
         valid = plan.generation[rows] == table.generation[slots]   # else finished or evicted since: stale
         stalls = plan.stalls[rows]
         stalled, flowing = valid & stalls, valid & ~stalls

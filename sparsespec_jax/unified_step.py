@@ -4,7 +4,7 @@ All rows of a step share one pass through the model (one GEMM batch and one atte
 phase each request is in. Everything between two host visits stays on device: input tokens the host has not
 seen come from the slot window, drafts and their distributions go back into it, acceptance runs here, and
 verify rows renew their PillarAttn sets from scores rematerialized out of the verify pass itself.
-The host reads only the emitted tokens, one step later when it runs ahead asynchronously.
+The host reads only the emitted tokens (SlotState.emitted), one step later when it runs ahead asynchronously.
 """
 
 from __future__ import annotations
@@ -27,13 +27,6 @@ from sparsespec_jax.spec.acceptance import draft_sample, replay_acceptance, veri
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets, pillar_refresh, streaming_refresh, with_draft_positions
 from sparsespec_jax.step_batch import UnifiedBatch
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class StepOutputs:
-    tokens: jax.Array        # int32 [Re, width]: per emitting row, accepted drafts then one sampled token
-    num_emitted: jax.Array   # int32 [Re]
 
 
 def _pool_slots(positions, page_tables, page_size: int):
@@ -90,7 +83,7 @@ def _refresh_sets(sets: DraftSets, scores, batch: UnifiedBatch, committed, num_e
 
 @functools.lru_cache(maxsize=16)
 def make_step_fn(graphdef, spec: SpecConfig, backend: str):
-    """The engine's jitted step: step_fn(params, kv, state, buffer, layout) -> (StepOutputs, kv, state), with
+    """The engine's jitted step: step_fn(params, kv, state, buffer, layout) -> (kv, state), with
     the batch and both rows' sampling arrays packed into `buffer` (packed_args.pack). The model structure, the
     method and the backend are bound here, so no call hashes or flattens them; engines of the same model,
     method and backend share one function and so its compiled shapes."""
@@ -104,8 +97,8 @@ def make_step_fn(graphdef, spec: SpecConfig, backend: str):
 
 def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: UnifiedBatch,
                  draft_sampling: SamplingArrays, emit_sampling: SamplingArrays, spec: SpecConfig, backend: str):
-    """Returns (StepOutputs, kv, state); traced inside make_step_fn's jit. Shapes (and so compilations)
-    follow the batch's buckets."""
+    """Returns (kv, state); traced inside make_step_fn's jit. Shapes (and so compilations) follow the batch's
+    buckets."""
     model: Transformer = nnx.merge(graphdef, params)
     cfg = model.cfg
     width = state.window.shape[1]
@@ -130,8 +123,7 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
     emits = batch.emits
     num_emit = emits.slot.shape[0]
     if not num_emit:
-        empty = StepOutputs(tokens=jnp.zeros((0, width), jnp.int32), num_emitted=jnp.zeros((0,), jnp.int32))
-        return empty, kv, SlotState(window=window, draft_log_q=log_q, sets=state.sets)
+        return kv, dataclasses.replace(state, window=window, draft_log_q=log_q)
     index = jnp.minimum(emits.first_token[:, None] + jnp.arange(width)[None, :], tokens.shape[0] - 1)
     target_logits = model.logits(hidden[index])                                          # [Re, width, V]
     row_log_q = None if log_q is None else log_q[emits.slot]
@@ -148,5 +140,5 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
         committed = emits.position + num_emitted - 1        # tokens in the cache after this verify
         sets = _refresh_sets(sets, scores, batch, committed, num_emitted, spec, cfg.num_layers, cfg.num_kv_heads,
                              backend)
-    return StepOutputs(tokens=emitted, num_emitted=num_emitted), kv, SlotState(window=window, draft_log_q=log_q,
-                                                                               sets=sets)
+    outputs = state.emitted.at[emits.slot].set(jnp.concatenate([num_emitted[:, None], emitted], axis=1))
+    return kv, SlotState(window=window, draft_log_q=log_q, sets=sets, emitted=outputs)

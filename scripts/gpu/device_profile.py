@@ -4,7 +4,7 @@ Random weights and KV, requests placed at a context, acceptance replayed (the pr
 acceptance).
 
   PYTHONPATH=$PWD python scripts/gpu/device_profile.py [--shape smollm2-shaped] [--batch 256] [--context 4096]
-      [--methods none pillar] [--trace-dir DIR] [--no-trace]
+      [--methods none pillar] [--steps 20] [--trace-dir DIR] [--no-trace]
 """
 
 from __future__ import annotations
@@ -48,6 +48,35 @@ def kernel_times(trace_dir: str) -> tuple[collections.Counter, int]:
     return by_kernel, launches
 
 
+def _record_layouts(engine: Engine) -> list:
+    """Have the engine's step function note each call's packed layout (which compiled program it runs)."""
+    layouts = []
+    step_fn = engine._step_fn
+
+    def noting(params, kv, state, buffer, layout):
+        layouts.append(layout)
+        return step_fn(params, kv, state, buffer, layout)
+
+    engine._step_fn = noting
+    return layouts
+
+
+def print_dispatch_by_layout(window, layouts) -> None:
+    """Median dispatch per compiled program, and on steps that switch program against steps that repeat one:
+    tells whether command-buffer (graph) updates on program switches are what a step's dispatch costs."""
+    ids = {layout: i for i, layout in enumerate(dict.fromkeys(layouts))}
+    by_id = collections.defaultdict(list)
+    for step, layout in zip(window, layouts):
+        by_id[ids[layout]].append(step.dispatch_ms)
+    for i, times in sorted(by_id.items()):
+        print(f"  program {i}: {len(times)} steps, dispatch median {np.median(times):.2f} ms")
+    switched = [s.dispatch_ms for s, a, b in zip(window[1:], layouts[1:], layouts) if a != b]
+    repeated = [s.dispatch_ms for s, a, b in zip(window[1:], layouts[1:], layouts) if a == b]
+    for name, times in (("switching", switched), ("repeating", repeated)):
+        if times:
+            print(f"  {name} program: {len(times)} steps, dispatch median {np.median(times):.2f} ms")
+
+
 def profile(shape: str, method: str, params, batch: int, context: int, trace_dir: str, trace: bool,
             steps: int = 20) -> None:
     max_len = context + 400
@@ -56,6 +85,7 @@ def profile(shape: str, method: str, params, batch: int, context: int, trace_dir
     spec = SpecConfig(method=method, k=K, replay_acceptance=REPLAY if method != "none" else None)
     engine = Engine(SHAPES[shape], params, placeholder_tokenizer(), config, spec)
     place_at_context(engine, batch, context, 300, seed=1)
+    layouts = _record_layouts(engine)
     for _ in range(40):
         engine.step()
     jax.block_until_ready(engine.kv.k)
@@ -67,6 +97,7 @@ def profile(shape: str, method: str, params, batch: int, context: int, trace_dir
           f"ms/step (host {np.median([s.host_ms for s in window]):.2f}, of it dispatch "
           f"{np.median([s.dispatch_ms for s in window]):.2f}; medians), emitted/step "
           f"{np.mean([s.emitted_tokens for s in window]):.0f}")
+    print_dispatch_by_layout(window, layouts[-steps:])
     if not trace:
         return
     directory = f"{trace_dir}/{method}"
@@ -93,11 +124,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--methods", nargs="+", default=["none", "pillar"])
     parser.add_argument("--trace-dir", default="/tmp/sparsespec-trace")
+    parser.add_argument("--steps", type=int, default=20, help="steps per window")
     parser.add_argument("--no-trace", action="store_true", help="only the untraced window's wall/host/dispatch")
     args = parser.parse_args()
     params = random_params(SHAPES[args.shape], seed=0, dtype=jnp.bfloat16)
     for method in args.methods:
-        profile(args.shape, method, params, args.batch, args.context, args.trace_dir, not args.no_trace)
+        profile(args.shape, method, params, args.batch, args.context, args.trace_dir, not args.no_trace,
+                args.steps)
 
 
 if __name__ == "__main__":

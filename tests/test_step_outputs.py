@@ -1,0 +1,48 @@
+"""The jitted step returns nothing but its donated state: every output aliases an input buffer. A fresh output
+buffer sits at a new address on every call, XLA may place the step's temporaries in it, and a CUDA graph of the
+step would then be re-recorded on every call (slot_state.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsespec_jax.benchmark.e2e import TINY
+from sparsespec_jax.benchmark.shapes import placeholder_tokenizer
+from sparsespec_jax.engine import Engine, EngineConfig
+from sparsespec_jax.model import random_params
+from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.spec.config import SpecConfig
+
+MODEL = dataclasses.replace(TINY, num_layers=2)
+
+
+def aliased_outputs(hlo_text: str) -> set[int]:
+    """Output indices that the compiled module's input_output_alias maps onto a parameter."""
+    header = hlo_text.splitlines()[0]
+    match = re.search(r"input_output_alias=\{(.*?)\}, entry_computation_layout", header)
+    return {int(index) for index in re.findall(r"\{(\d+)\}: \(\d+", match.group(1))} if match else set()
+
+
+@pytest.mark.parametrize("method", ["none", "pillar"])
+def test_every_step_output_aliases_a_donated_input(method):
+    config = EngineConfig(max_batch_size=4, kv_cache_tokens=2048, max_model_len=256)
+    engine = Engine(MODEL, random_params(MODEL, seed=3, dtype=jnp.float32), placeholder_tokenizer(), config,
+                    SpecConfig(method=method, k=4, min_budget=16))
+    step_fn, calls = engine._step_fn, []
+    engine._step_fn = lambda *args: calls.append(args) or step_fn(*args)
+    rng = np.random.default_rng(0)
+    for length in (5, 40, 17):
+        engine.add_request(rng.integers(0, MODEL.vocab_size, length).tolist(),
+                           SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.run()
+    num_outputs = len(jax.tree.leaves((engine.kv, engine.slot_state)))
+    layouts = {args[-1]: args for args in calls}           # one call per compiled program
+    for args in layouts.values():
+        hlo = step_fn.lower(*args).compile().as_text()
+        assert aliased_outputs(hlo) == set(range(num_outputs)), hlo.splitlines()[0][:400]
