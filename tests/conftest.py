@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# Compiled programs go through one persistent cache for the whole run: the test workers share it (most tests
+# compile the same tiny-model step shapes), and a rerun reuses it. A run on a fresh checkout starts it empty.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Four host CPU devices, so tensor-parallel tests can build meshes; XLA reads this when jax first starts, so it
 # must be set before anything imports jax. Single-device code still runs on device 0 alone.
@@ -44,3 +51,10 @@ def generate(engine: Engine, prompts_ids, params) -> list[list[int]]:
     requests = [engine.add_request(ids, p, str(i)) for i, (ids, p) in enumerate(zip(prompts_ids, params))]
     engine.run()
     return [request.output_ids for request in requests]
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with slow tests run first, each module's tests still together (module fixtures are built once):
+    the two workers then end on short tests instead of one waiting while the other runs a long one."""
+    has_slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in has_slow)      # stable: keeps each module's order

@@ -26,6 +26,7 @@ def rows_of(layout, group: str) -> int:
     return getattr(batch, group).slot[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "pillar"])
 def test_unrolled_layers_match_the_layer_loop(method):
     params = random_params(MODEL, seed=3, dtype=jnp.float32)
@@ -42,6 +43,7 @@ def test_unrolled_layers_match_the_layer_loop(method):
     assert streams[0] == streams[1]
 
 
+@pytest.mark.slow
 def test_unrolled_pillar_step_does_not_copy_the_kv_pool():
     """Each layer's score pass reads the pool the next layer updates in place; unless the two are ordered,
     XLA keeps a copy of the whole pool per layer (on an H200 the Qwen3-8B-shaped step asked for 654 GiB).

@@ -57,6 +57,7 @@ def test_spec_config_validation(field, value, message):
         SpecConfig(**{field: value})
 
 
+@pytest.mark.slow
 def test_preemption_under_speculation_keeps_outputs(make_engine, smollm2):
     """Rounds need k spare slots per row; a tight pool preempts and recomputes without changing tokens."""
     prompts = prompt_ids(smollm2.tokenizer)[1:]
