@@ -15,9 +15,9 @@ What is measured, in this order (the time budget stops launching points after 48
    2048 (largest first: the time budget cuts the tail): each request's context is prefilled with
    chat-templated reasoning prompts (bench/data) back to back, 16k tokens per fill step (requests done first
    decode meanwhile; the mean context at the window's start is recorded), then 20 warm-up and 32 timed steps
-   at T=0.6 with real acceptance, then the sync-mode window. Batch 256 and 128 at 7680 and 4096 took 332 s. Whole generations instead: `sparsespec bench --workload
-   real --new-tokens N ...` directly, without `--real-contexts` (4096 tokens at batch 64 took ~4 minutes per
-   method on the H200, compile included).
+   at T=0.6 with real acceptance, then the sync-mode window. Batch 256 and 128 at 7680 and 4096 took 332 s.
+   Whole generations instead: `sparsespec bench --workload real --new-tokens N ...` directly, without
+   `--real-contexts` (4096 tokens at batch 64 took ~4 minutes per method on the H200, compile included).
 
 Copy bandwidth (jitted x*2 over 2 GiB) is measured first; bytes per step / bandwidth gives each point's
 roofline. Writes bench/results/<name>.{json,md} and PNG plots, prints the markdown (table last).

@@ -474,13 +474,13 @@ def _prefilled_engine(model: RealModel, prompts: list[list[int]], method: str, c
     context when the fill ended (requests that finished prefilling first have decoded a little since). Limits
     depend on the largest batch and context only, so every point of a method compiles the same decode shapes."""
     largest, limit = max(config.real_contexts), model.config.max_position_embeddings
-    if largest + fill_growth(method, config) > limit:
-        raise ValueError(f"bench real_contexts: {largest} tokens plus the growth while filling "
-                         f"({fill_growth(method, config)} for {method}) exceed {model.name}'s context of {limit} "
-                         f"tokens")
+    growth = fill_growth(method, config)
+    if largest + growth > limit:
+        raise ValueError(f"bench real_contexts: {largest} tokens plus the growth while filling ({growth} for "
+                         f"{method}) exceed {model.name}'s context of {limit} tokens")
     # The windows' worst case (n-gram: every draft accepted on every verify) may not fit the model's context;
     # real acceptance grows requests far less, and a window whose batch shrinks raises (_window_point).
-    max_len = min(largest + fill_growth(method, config) + shaped_headroom(method, config), limit)
+    max_len = min(largest + growth + shaped_headroom(method, config), limit)
     engine, requests = _real_requests(model, prompts, method, config, sync, max_len, max_tokens=1 << 30,
                                       prefill_chunk=FILL_CHUNK, prefill_tokens=FILL_TOKENS)
     while any(not r.output_ids for r in requests):     # a prompt's first output token ends its prefill
