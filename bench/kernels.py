@@ -241,15 +241,16 @@ def sparse_reference_fn(k_pool, v_pool, q, slots, count):
 
 
 def scores_fn(variant):
+    """One layer's score pass (a stack of one)."""
     def run(k_pool, q, q_start, q_len, kv_len, tables, lse):
-        return pillar_scores_paged(q, k_pool, LAYER, q_start, q_len, kv_len, tables, lse, page_size=PAGE_SIZE,
-                                   max_q_len=VERIFY_QUERIES, **tile_options(variant))
+        return pillar_scores_paged(q[None], k_pool, jnp.full((1,), LAYER, jnp.int32), q_start, q_len, kv_len, tables,
+                                   lse[None], page_size=PAGE_SIZE, max_q_len=VERIFY_QUERIES, **tile_options(variant))
     return run
 
 
 def scores_reference_fn(k_pool, q, q_start, q_len, kv_len, tables, lse):
-    return pillar_scores_paged_reference(q, k_pool, LAYER, q_start, q_len, kv_len, tables, lse, page_size=PAGE_SIZE,
-                                         max_q_len=VERIFY_QUERIES)
+    return pillar_scores_paged_reference(q[None], k_pool, jnp.full((1,), LAYER, jnp.int32), q_start, q_len, kv_len,
+                                         tables, lse[None], page_size=PAGE_SIZE, max_q_len=VERIFY_QUERIES)
 
 
 def best_of(bench, op, model, shape, variants, make_fn, fixed, sets, nbytes, reps=7):

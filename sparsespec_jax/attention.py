@@ -13,6 +13,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
@@ -33,6 +34,8 @@ BACKENDS = ("reference", "pallas", "pallas-tpu")
 # operands across devices. Operand layouts: heads on axis 1, pools [L, Hkv, slots, D], the rest whole.
 HEADS = P(None, TP_AXIS, None)          # q, out [N, Hq, D]; slot lists [R, Hkv, B]; scores [R, H, S]
 HEADS_2D = P(None, TP_AXIS)             # lse [N, Hq]
+STACKED_HEADS = P(None, None, TP_AXIS, None)   # per-layer stacks: q [Ls, N, Hq, D]; scores [Ls, R, Hkv, S]
+STACKED_HEADS_2D = P(None, None, TP_AXIS)      # lse [Ls, N, Hq]
 POOL = P(None, TP_AXIS, None, None)
 WHOLE = P()
 
@@ -101,13 +104,29 @@ def sparse_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count):
                             (HEADS, HEADS_2D))(q, k_pool, v_pool, layer, slot_ids, count)
 
 
-def pillar_scores(backend: str, q, k_pool, layer, meta: AttentionMetadata, lse):
-    """PillarAttn scores of a verify pass: mean rematerialized probability per (row, KV head, key position),
-    from the pass's queries and LSE, re-reading K only: f32 [R, Hkv, P * page_size]."""
-    args = (q, k_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables, lse)
+def pillar_scores(backend: str, q, k_pool, layers, meta: AttentionMetadata, lse):
+    """PillarAttn scores of verify passes: mean rematerialized probability per (layer, row, KV head, key
+    position), from each pass's queries q [Ls, N, Hq, D] and LSE [Ls, N, Hq] over pool layers[i], re-reading K
+    only: f32 [Ls, R, Hkv, P * page_size]. One call scores a whole step's layers."""
+    args = (q, k_pool, layers, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables, lse)
     kernel = _kernel(backend, pillar_scores_paged, pillar_scores_paged_tpu, pillar_scores_paged_reference,
                      page_size=meta.page_size, max_q_len=meta.max_q_len)
-    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL) + (WHOLE,) * 5 + (HEADS_2D,), HEADS)(*args)
+    return per_device_heads(kernel, mesh_of(k_pool), (STACKED_HEADS, POOL) + (WHOLE,) * 5 + (STACKED_HEADS_2D,),
+                            STACKED_HEADS)(*args)
+
+
+def score_query_rows(meta: AttentionMetadata, num_rows: int, num_tokens: int, q_len=None):
+    """The first num_rows rows of meta as pillar_scores wants them, compacted: (token indices [num_rows *
+    meta.max_q_len] into the num_tokens tokens meta describes, each row's first max_q_len queries; and metadata
+    finding row r's queries at r * max_q_len of the gathered tokens). q_len overrides the rows' query counts
+    (0: no scores for that row)."""
+    width = meta.max_q_len
+    tokens = meta.q_start[:num_rows, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+    scored = AttentionMetadata(q_start=jnp.arange(num_rows, dtype=jnp.int32) * width,
+                               q_len=meta.q_len[:num_rows] if q_len is None else q_len,
+                               kv_len=meta.kv_len[:num_rows], page_tables=meta.page_tables[:num_rows],
+                               write_slots=meta.write_slots, page_size=meta.page_size, max_q_len=width)
+    return jnp.minimum(tokens, num_tokens - 1).reshape(-1), scored
 
 
 def top_k_positions(backend: str, scores, k, max_k: int):

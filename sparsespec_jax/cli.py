@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -386,6 +387,7 @@ def run_bench(args) -> int:
     """Run the side-by-side benchmark, write its report, print the markdown last."""
     from sparsespec_jax.benchmark.e2e import BenchConfig, parse_replay, run_benchmark, smoke_config
     from sparsespec_jax.benchmark.report import write_report
+    from sparsespec_jax.xla_flags import quick_compiles
 
     fields = {name: getattr(args, name) for name in BENCH_FIELDS if getattr(args, name) is not None}
     fields.update({name: tuple(value) for name, value in fields.items() if isinstance(value, list)})
@@ -398,8 +400,10 @@ def run_bench(args) -> int:
     def save(result: dict, plots: bool = False) -> dict:
         return write_report({**result, "args": flags}, args.out, args.name, plots=plots)
 
-    result = run_benchmark(config, command=command, log=lambda line: print(line, file=sys.stderr, flush=True),
-                           on_point=save)
+    # The smoke run's tiny models compile for longer than they run.
+    with quick_compiles() if args.smoke else contextlib.nullcontext():
+        result = run_benchmark(config, command=command, log=lambda line: print(line, file=sys.stderr, flush=True),
+                               on_point=save)
     paths = save(result, plots=True)
     print(paths["markdown"].read_text())
     print(f"report: {', '.join(str(path) for path in paths.values())}")

@@ -21,7 +21,9 @@ from sparsespec_jax.sharding import gathered_logits, mesh_of
 
 LAYER_PREFIX = "layers."
 
-# attend(q [N, Hq, D], k_pool, v_pool, layer, layer_inputs) -> (out [N, Hq, D], per-layer outputs pytree)
+# attend(q [N, Hq, D], k_pool, v_pool, layer, layer_inputs) -> (out [N, Hq, D], per-layer outputs pytree).
+# Outputs should not read the pool: nothing would order that read before the next layer's in-place write,
+# and XLA would copy the whole pool to keep it.
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
@@ -95,9 +97,6 @@ class Transformer(nnx.Module):
             k_pool = k_pool.at[layer_index, :, write_slots].set(k.astype(k_pool.dtype))
             v_pool = v_pool.at[layer_index, :, write_slots].set(v.astype(v_pool.dtype))
             attn, outputs = attend(q, k_pool, v_pool, layer_index, inputs)
-            # Whatever reads the pool for `outputs` (PillarAttn scores) must finish before the next layer writes
-            # it in place; unrolled, nothing else orders the two, and XLA would copy the whole pool per layer.
-            attn, outputs = jax.lax.optimization_barrier((attn, outputs))
             x = x + attn.reshape(n, -1).astype(x.dtype) @ w["wo"]
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
             x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsespec_jax.attention import (AttentionMetadata, paged_attention, pillar_scores, sparse_attention,
+from sparsespec_jax.attention import (paged_attention, pillar_scores, score_query_rows, sparse_attention,
                                       unified_attention)
 from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.model import Transformer
@@ -44,17 +44,13 @@ def _sparse_slot_lists(sets: DraftSets, batch: UnifiedBatch, k: int):
     return slots, jnp.where(sparse.live, base + sparse.draft_index + 1, 0)
 
 
-def _attend_fn(batch: UnifiedBatch, count, spec: SpecConfig, backend: str, width: int):
+def _attend_fn(batch: UnifiedBatch, count, backend: str, score_tokens):
+    """The decoder's attention for this batch. With score_tokens, each layer also hands back those tokens'
+    queries and LSEs, so the step can score every layer in one launch after the last (one layer's verify
+    rows are too little work for a launch of their own)."""
     num_sparse = batch.sparse.slot.shape[0]
     num_full = batch.meta.q_len.shape[0]
-    num_emit = batch.emits.slot.shape[0]
     meta = batch.meta
-    want_scores = spec.method == "pillar" and num_emit > 0
-    if want_scores:
-        score_meta = AttentionMetadata(q_start=meta.q_start[:num_emit],
-                                       q_len=jnp.where(batch.emits.refresh, meta.q_len[:num_emit], 0),
-                                       kv_len=meta.kv_len[:num_emit], page_tables=meta.page_tables[:num_emit],
-                                       write_slots=meta.write_slots, page_size=meta.page_size, max_q_len=width)
 
     def attend(q, k_pool, v_pool, layer, slot_lists):
         if num_full == 0:
@@ -63,9 +59,9 @@ def _attend_fn(batch: UnifiedBatch, count, spec: SpecConfig, backend: str, width
             out, lse = paged_attention(backend, q, k_pool, v_pool, layer, meta)
         else:
             out, lse = unified_attention(backend, q, k_pool, v_pool, layer, slot_lists, count, meta)
-        if not want_scores:
+        if score_tokens is None:
             return out, None
-        return out, pillar_scores(backend, q[num_sparse:], k_pool, layer, score_meta, lse[num_sparse:])
+        return out, (q[num_sparse:][score_tokens], lse[num_sparse:][score_tokens])
 
     return attend
 
@@ -108,8 +104,19 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
     num_sparse = batch.sparse.slot.shape[0]
     slot_lists, count = (_sparse_slot_lists(state.sets, batch, width - 1) if num_sparse
                          else (None, None))
-    attend = _attend_fn(batch, count, spec, backend, width)
-    hidden, kv, scores = model(tokens, batch.positions, kv, batch.write_slots, attend, slot_lists)
+    num_emit = batch.emits.slot.shape[0]
+    want_scores = spec.method == "pillar" and num_emit > 0
+    score_tokens, score_meta = None, None
+    if want_scores:     # each emitting row's first `width` queries; rows that keep their set get no scores
+        meta = dataclasses.replace(batch.meta, max_q_len=width)
+        score_tokens, score_meta = score_query_rows(meta, num_emit, tokens.shape[0] - num_sparse,
+                                                    jnp.where(batch.emits.refresh, meta.q_len[:num_emit], 0))
+    attend = _attend_fn(batch, count, backend, score_tokens)
+    hidden, kv, score_queries = model(tokens, batch.positions, kv, batch.write_slots, attend, slot_lists)
+    scores = None
+    if want_scores:
+        queries, lse = score_queries                                   # [L, Re * width, Hq, D], [L, Re * width, Hq]
+        scores = pillar_scores(backend, queries, kv.k, jnp.arange(cfg.num_layers, dtype=jnp.int32), score_meta, lse)
 
     window = state.window
     log_q = state.draft_log_q
@@ -121,7 +128,6 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
         log_q = log_q.at[drafts.slot, drafts.draft_index].set(draft_lq)
 
     emits = batch.emits
-    num_emit = emits.slot.shape[0]
     if not num_emit:
         return kv, dataclasses.replace(state, window=window, draft_log_q=log_q)
     index = jnp.minimum(emits.first_token[:, None] + jnp.arange(width)[None, :], tokens.shape[0] - 1)

@@ -1,4 +1,5 @@
-"""XLA GPU settings the engine's compiled steps rely on, added to XLA_FLAGS before JAX starts a backend.
+"""XLA settings: the GPU flags the engine's compiled steps rely on, added to XLA_FLAGS before JAX starts a
+backend, and quick compiles for runs of tiny models.
 
 Layer loop. The decoder layers run in a loop over stacked weights. XLA's Triton GEMM fusions do not absorb the
 per-layer dynamic slice of the weight stack, so on a GPU each step first copies every layer's weights (a device
@@ -16,12 +17,17 @@ pillar steps. SPARSESPEC_CUDA_GRAPHS=0 leaves these flags out.
 The flags only matter on GPU; other platforms ignore them. A flag the user already set in XLA_FLAGS is left as
 the user set it. JAX reads XLA_FLAGS when it starts its first backend, so this takes effect only when
 sparsespec_jax is imported before any JAX computation runs.
+
+Quick compiles. On a CPU a tiny model's step compiles for seconds and runs for milliseconds; with most XLA
+optimizations off it compiles ~25% faster (the CPU smoke benchmark: 91 -> 67 s). A real model's steps then run
+slower than that saves (SmolLM2 on a 2-core CPU: 1.7x), so this is only for tiny models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 
 GPU_LAYER_LOOP_FLAGS = {
     "xla_gpu_enable_triton_gemm": "false",
@@ -49,3 +55,16 @@ def add_default_xla_flags(environ: MutableMapping[str, str] = os.environ) -> str
     added = [f"--{name}={value}" for name, value in default_flags(environ).items() if name not in named]
     environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return environ["XLA_FLAGS"]
+
+
+@contextlib.contextmanager
+def quick_compiles() -> Iterator[None]:
+    """Programs compiled inside are compiled with most XLA optimizations off; the setting is restored after."""
+    import jax
+
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 from sparsespec_jax.engine import Engine, EngineConfig  # noqa: E402
 from sparsespec_jax.spec.config import SpecConfig  # noqa: E402
+from sparsespec_jax.xla_flags import quick_compiles  # noqa: E402
 
 FACTS_PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 
@@ -43,6 +44,16 @@ def make_engine(smollm2):
         return Engine(smollm2.config, smollm2.params, smollm2.tokenizer, EngineConfig(**fields), spec)
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def quick_compiles_for_tiny_models(request):
+    """Tests marked tiny_model compile with most XLA optimizations off (see xla_flags.quick_compiles)."""
+    if request.node.get_closest_marker("tiny_model") is None:
+        yield
+        return
+    with quick_compiles():
+        yield
 
 
 def generate(engine: Engine, prompts_ids, params) -> list[list[int]]:

@@ -22,6 +22,8 @@ from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 from test_backends import TINY, tiny_params  # noqa: F401  (module fixture: the sharpened tiny model)
 
+pytestmark = pytest.mark.tiny_model
+
 
 def run(tiny_params, tokenizer, backend: str):
     """Each request's (output ids, drafted, accepted, verifies) with pillar drafting."""

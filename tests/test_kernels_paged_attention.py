@@ -13,6 +13,8 @@ import pytest
 
 from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
+pytestmark = pytest.mark.tiny_model
+
 INTERPRET = jax.default_backend() == "cpu"
 NUM_LAYERS = 3
 LAYER = 1

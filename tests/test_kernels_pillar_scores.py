@@ -13,16 +13,25 @@ import pytest
 
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference
-from test_kernels_paged_attention import INTERPRET, make_paged_batch
+from test_kernels_paged_attention import INTERPRET, LAYER, make_paged_batch
+
+pytestmark = pytest.mark.tiny_model
 
 
-def score_inputs(batch, *, page_size, max_q_len):
-    """The batch without v_pool, plus the per-token LSE a verify pass over it produces."""
-    with jax.default_matmul_precision("highest"):
-        _, lse = jax.jit(functools.partial(ragged_paged_attention_reference, page_size=page_size,
-                                           max_q_len=max_q_len))(**batch)
-    inputs = {name: value for name, value in batch.items() if name != "v_pool"}
-    return dict(inputs, lse=lse)
+def score_inputs(batch, *, page_size, max_q_len, layers=(LAYER, 0)):
+    """The batch without v_pool as a stack of verify passes, one per pool layer in `layers` (entry 0 with the
+    batch's queries, later ones with fresh random queries), each with the LSE its own pass produces."""
+    rng = np.random.default_rng(len(layers))
+    attention = jax.jit(functools.partial(ragged_paged_attention_reference, page_size=page_size, max_q_len=max_q_len))
+    queries, lses = [], []
+    for entry, layer in enumerate(layers):
+        q = batch["q"] if entry == 0 else jnp.asarray(rng.standard_normal(batch["q"].shape), batch["q"].dtype)
+        with jax.default_matmul_precision("highest"):
+            _, lse = attention(**dict(batch, q=q, layer=jnp.int32(layer)))
+        queries.append(q)
+        lses.append(lse)
+    inputs = {name: value for name, value in batch.items() if name not in ("v_pool", "layer")}
+    return dict(inputs, q=jnp.stack(queries), layers=jnp.asarray(layers, jnp.int32), lse=jnp.stack(lses))
 
 
 def run_both(inputs, *, page_size, max_q_len, **kernel_options):
@@ -50,12 +59,13 @@ def test_matches_reference_float32(name):
                              head_dim=head_dim, page_size=page_size)
     inputs = score_inputs(batch, page_size=page_size, max_q_len=max_q_len)
     scores, expected = run_both(inputs, page_size=page_size, max_q_len=max_q_len, **options)
-    assert scores.shape == expected.shape == (len(q_lens), hkv, batch["page_tables"].shape[1] * page_size)
+    assert scores.shape == expected.shape == (2, len(q_lens), hkv, batch["page_tables"].shape[1] * page_size)
     assert not np.isnan(scores).any()
     np.testing.assert_allclose(scores, expected, atol=1e-6, rtol=2e-5)
     for row, (q_len, kv_len) in enumerate(zip(q_lens, kv_lens)):
         seen = kv_len if q_len else 0
-        assert np.isfinite(scores[row, :, :seen]).all() and np.isneginf(scores[row, :, seen:]).all()
+        assert np.isfinite(scores[:, row, :, :seen]).all() and np.isneginf(scores[:, row, :, seen:]).all()
+    assert not np.allclose(scores[0], scores[1])        # each entry read its own layer with its own queries
 
 
 def test_matches_reference_bfloat16():
@@ -67,7 +77,8 @@ def test_matches_reference_bfloat16():
 
 
 def test_reference_scores_are_attention_probabilities():
-    """A lone decode query's scores are its softmax: they sum to 1 over the row's keys for every KV head."""
+    """A lone decode query's scores are its softmax: they sum to 1 over the row's keys for every layer of the
+    stack and every KV head."""
     batch = make_paged_batch(4, [1, 1], [37, 5], num_q_heads=2, num_kv_heads=2, head_dim=64, page_size=16)
     inputs = score_inputs(batch, page_size=16, max_q_len=1)
     with jax.default_matmul_precision("highest"):
@@ -77,9 +88,10 @@ def test_reference_scores_are_attention_probabilities():
     np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
 
 
-def test_rejects_mismatched_lse():
+def test_rejects_a_mismatched_stack():
     batch = make_paged_batch(2, [1], [5], num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16)
     inputs = score_inputs(batch, page_size=16, max_q_len=1)
-    inputs["lse"] = inputs["lse"][:, :2]
     with pytest.raises(ValueError, match="lse has shape"):
-        pillar_scores_paged(**inputs, page_size=16, max_q_len=1, interpret=True)
+        pillar_scores_paged(**dict(inputs, lse=inputs["lse"][:, :, :2]), page_size=16, max_q_len=1, interpret=True)
+    with pytest.raises(ValueError, match="layers has shape"):
+        pillar_scores_paged(**dict(inputs, layers=inputs["layers"][:1]), page_size=16, max_q_len=1, interpret=True)

@@ -13,6 +13,8 @@ import pytest
 
 from pallas_kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_reference
 
+pytestmark = pytest.mark.tiny_model
+
 INTERPRET = jax.default_backend() == "cpu"
 NUM_LAYERS = 2
 LAYER = 1

@@ -13,6 +13,8 @@ import pytest
 
 from pallas_kernels.topk_select import topk_select, topk_select_reference
 
+pytestmark = pytest.mark.tiny_model
+
 INTERPRET = jax.default_backend() == "cpu"
 
 

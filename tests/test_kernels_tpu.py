@@ -23,8 +23,11 @@ from pallas_kernels.pillar_scores import pillar_scores_paged_reference, pillar_s
 from pallas_kernels.sparse_attention import sparse_decode_attention_reference, sparse_decode_attention_tpu
 from pallas_kernels.topk_select import topk_select_reference, topk_select_tpu
 from test_kernels_paged_attention import assert_matches, make_paged_batch
+from test_kernels_pillar_scores import score_inputs
 from test_kernels_sparse_attention import make_sparse_batch
 from test_kernels_topk_select import random_scores
+
+pytestmark = pytest.mark.tiny_model
 
 CHECKED = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2)
 TPU_V5E = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
@@ -36,6 +39,13 @@ def run_checked(kernel, **inputs):
     result = jax.block_until_ready(jax.jit(functools.partial(kernel, interpret=CHECKED))(**inputs))
     assert not interpret_pallas_call.races.races_found, "race detector flagged an unsynchronised access"
     return result
+
+
+def stacked_score_inputs(batch):
+    """Score-kernel arguments for shape checks and lowering: the batch's queries as a one-layer stack, zero LSEs."""
+    inputs = {name: value for name, value in batch.items() if name not in ("v_pool", "layer")}
+    return dict(inputs, q=batch["q"][None], layers=batch["layer"].reshape(1),
+                lse=jnp.zeros((1,) + batch["q"].shape[:2], jnp.float32))
 
 
 def reference(fn, **inputs):
@@ -96,8 +106,7 @@ def test_pillar_scores_match_reference(name):
     batch = make_paged_batch(sum(map(ord, name)), q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
                              head_dim=head_dim, page_size=page_size)
     static = dict(page_size=page_size, max_q_len=max_q_len)
-    _, lse = reference(functools.partial(ragged_paged_attention_reference, **static), **batch)
-    inputs = dict({name: value for name, value in batch.items() if name != "v_pool"}, lse=lse)
+    inputs = score_inputs(batch, **static)
     scores = run_checked(functools.partial(pillar_scores_paged_tpu, **static, **options), **inputs)
     expected = reference(functools.partial(pillar_scores_paged_reference, **static), **inputs)
     assert_matches(scores, expected, atol=1e-6, rtol=2e-5)
@@ -146,8 +155,7 @@ def test_kernels_lower_for_tpu_v5e():
     paged = make_paged_batch(5, [9, 1], [9, 40], num_q_heads=8, num_kv_heads=2, head_dim=128, page_size=16,
                              dtype=jnp.bfloat16)
     static = dict(page_size=16, max_q_len=9)
-    scores_inputs = dict({name: value for name, value in paged.items() if name != "v_pool"},
-                         lse=jnp.zeros((paged["q"].shape[0], 8), jnp.float32))
+    scores_inputs = stacked_score_inputs(paged)
     sparse = make_sparse_batch(5, [3, 5], num_q_heads=8, num_kv_heads=2, head_dim=64, budget=20, dtype=jnp.bfloat16)
     lowered = [
         (functools.partial(ragged_paged_attention_tpu, **static), paged),
@@ -167,8 +175,7 @@ def test_rejects_shapes_the_tpu_kernels_cannot_tile():
     with pytest.raises(ValueError, match="head_dim 192"):
         ragged_paged_attention_tpu(**batch, page_size=16, max_q_len=1, interpret=True)
     batch = make_paged_batch(3, [1], [5], num_q_heads=32, num_kv_heads=1, head_dim=128, page_size=16)
-    inputs = dict({name: value for name, value in batch.items() if name != "v_pool"},
-                  lse=jnp.zeros((batch["q"].shape[0], 32), jnp.float32))
+    inputs = stacked_score_inputs(batch)
     with pytest.raises(ValueError, match="max_q_len 600"):
         pillar_scores_paged_tpu(**inputs, page_size=16, max_q_len=600, interpret=True)
     with pytest.raises(ValueError, match="k has shape"):

@@ -19,6 +19,8 @@ from test_kernels_unified_attention import make_mixed_batch
 
 from pallas_kernels.unified_attention import unified_attention_reference, unified_attention_tpu
 
+pytestmark = pytest.mark.tiny_model
+
 CASES = {
     # name: (draft counts, full q_lens, full kv_lens, Hq, Hkv, head_dim, page_size, budget, max_q_len, options)
     # k=8 verify rows (9 queries), a decode row, a 2-token chunk; a draft with 0 live entries, one with 1; the

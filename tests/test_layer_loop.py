@@ -17,6 +17,8 @@ from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
+pytestmark = pytest.mark.tiny_model
+
 MODEL = dataclasses.replace(TINY, num_layers=3)
 
 
@@ -45,9 +47,10 @@ def test_unrolled_layers_match_the_layer_loop(method):
 
 @pytest.mark.slow
 def test_unrolled_pillar_step_does_not_copy_the_kv_pool():
-    """Each layer's score pass reads the pool the next layer updates in place; unless the two are ordered,
-    XLA keeps a copy of the whole pool per layer (on an H200 the Qwen3-8B-shaped step asked for 654 GiB).
-    The Pallas kernels read the pool directly, so they are the case that matters."""
+    """Each layer's attention reads the pool the next layer updates in place, and the score pass reads it after
+    the last layer; a read XLA cannot order before a write makes it keep a copy of the whole pool per layer
+    (on an H200 a Qwen3-8B-shaped step once asked for 654 GiB). The Pallas kernels read the pool directly,
+    so they are the case that matters."""
     params = random_params(MODEL, seed=3, dtype=jnp.float32)
     config = EngineConfig(max_batch_size=8, kv_cache_tokens=8192, max_model_len=512, unroll_layers=True,
                           attention_backend="pallas", min_context_bucket=512)

@@ -11,7 +11,13 @@ from pallas_kernels.paged_attention.reference import gather_row_slots, ragged_pa
 from pallas_kernels.pillar_scores.reference import pillar_scores_paged_reference
 from sparsespec_jax.spec.selection import SelectionError, append_slot, pillar_budget, select_tokens
 
-paged_scores = jax.jit(pillar_scores_paged_reference, static_argnames=("page_size", "max_q_len", "scale"))
+stacked_scores = jax.jit(pillar_scores_paged_reference, static_argnames=("page_size", "max_q_len", "scale"))
+
+
+def paged_scores(q, k_pool, layer, q_start, q_len, kv_len, page_tables, lse, **static):
+    """One layer's scores, through the reference's layer stack."""
+    return stacked_scores(q[None], k_pool, jnp.asarray([layer], jnp.int32), q_start, q_len, kv_len, page_tables,
+                          lse[None], **static)[0]
 select = jax.jit(select_tokens, static_argnames="capacity")
 
 

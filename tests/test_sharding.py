@@ -96,7 +96,8 @@ def attention_passes(backend, meta, q, k_pool, v_pool, layer, slot_ids, count):
     with jax.default_matmul_precision("highest"):
         out, lse = paged_attention(backend, q, k_pool, v_pool, layer, meta)
         sparse = sparse_attention(backend, q[:count.shape[0]], k_pool, v_pool, layer, slot_ids, count)
-        return (out, lse) + sparse + (pillar_scores(backend, q, k_pool, layer, meta, lse),)
+        scores = pillar_scores(backend, q[None], k_pool, jnp.reshape(layer, (1,)), meta, lse[None])
+        return (out, lse) + sparse + (scores,)
 
 
 def test_pallas_attention_on_each_devices_heads_equals_reference_attention_on_one_device():

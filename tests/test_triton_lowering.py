@@ -45,13 +45,13 @@ def cases(kv_dtype):
     attention = attention_args(kv_dtype)
     draft_q = dict(attention, q=spec((DRAFT_ROWS, HQ, D), kv_dtype))
     mixed_q = dict(attention, q=spec((DRAFT_ROWS + TOKENS, HQ, D), kv_dtype))
-    scores_args = {key: value for key, value in attention.items() if key != "v_pool"}
+    scores_args = dict(q=spec((LAYERS, TOKENS, HQ, D), kv_dtype), k_pool=attention["k_pool"], layers=spec((LAYERS,)))
     return {
         "ragged_paged_attention": (functools.partial(ragged_paged_attention, **paged), {**attention, **full}),
         "sparse_decode_attention": (sparse_decode_attention, {**draft_q, **sparse}),
         "unified_attention": (functools.partial(unified_attention, **paged), {**mixed_q, **sparse, **full}),
         "pillar_scores_paged": (functools.partial(pillar_scores_paged, **paged),
-                                {**scores_args, **full, "lse": spec((TOKENS, HQ), jnp.float32)}),
+                                {**scores_args, **full, "lse": spec((LAYERS, TOKENS, HQ), jnp.float32)}),
         "topk_select": (functools.partial(topk_select, max_k=BUDGET, max_resident=64),
                         dict(scores=spec((ROWS, HKV, 300), jnp.float32), k=spec((ROWS,)))),
     }

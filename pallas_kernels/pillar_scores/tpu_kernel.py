@@ -1,7 +1,7 @@
 """PillarAttn score rematerialisation as a Pallas TPU kernel (Mosaic lowering).
 
-Same contract as `reference.pillar_scores_paged_reference`. Grid (row, KV head, key split), all parallel;
-page tables, lengths and the layer index are scalar-prefetched into SMEM. Each grid step first copies the
+Same contract as `reference.pillar_scores_paged_reference`. Grid (stacked layer, row, KV head, key split), all
+parallel; page tables, lengths and the stack's layer indices are scalar-prefetched into SMEM. Each grid step first copies the
 row's queries (all G heads of the KV head) and their LSEs into VMEM, one DMA per query token, where they
 stay resident: a verify row has only k+1 queries. It then walks its range of logical key positions in
 blocks of `pages_per_block` pages, double-buffering the K page DMAs exactly like the attention kernel
@@ -24,16 +24,17 @@ from pallas_kernels.paged_attention.tpu_kernel import (
     LANES, MAX_TILE_ROWS, MIN_GRID_STEPS, SUBLANES, check_head_dim, interpret_params, page_dma_block, round_up,
     token_dmas)
 from pallas_kernels.paged_attention.triton_kernel import choose_kv_splits
+from pallas_kernels.pillar_scores.reference import check_score_stack
 from pallas_kernels.pool_checks import check_queries_against_pool
 
 MAX_RESIDENT_QUERY_BYTES = 8 * 2 ** 20   # a row's resident queries must leave VMEM room for the K blocks
 
 
-def _pillar_scores_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref, table_ref, q_hbm, lse_hbm, k_hbm, out_ref,
+def _pillar_scores_kernel(layers_ref, q_start_ref, q_len_ref, kv_len_ref, table_ref, q_hbm, lse_hbm, k_hbm, out_ref,
                           q_buf, lse_buf, k_buf, kv_sems, io_sems, *, group, queries_per_chunk, pages_per_block,
                           page_size, num_pages, blocks_per_split, max_q_len, scale):
-    row, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
+    entry, row, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    layer = layers_ref[entry]
     block_kv = pages_per_block * page_size
     num_queries = jnp.minimum(q_len_ref[row], max_q_len)
     first_token = q_start_ref[row]
@@ -54,8 +55,8 @@ def _pillar_scores_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref, table_r
     @pl.when(num_blocks > 0)
     def _():
         token_dmas(num_queries, lambda t: [
-            pltpu.make_async_copy(q_hbm.at[first_token + t, kv_head], q_buf.at[:, t], io_sems.at[0]),
-            pltpu.make_async_copy(lse_hbm.at[first_token + t, kv_head], lse_buf.at[:, t], io_sems.at[1])])
+            pltpu.make_async_copy(q_hbm.at[entry, first_token + t, kv_head], q_buf.at[:, t], io_sems.at[0]),
+            pltpu.make_async_copy(lse_hbm.at[entry, first_token + t, kv_head], lse_buf.at[:, t], io_sems.at[1])])
 
         def block_bounds(block):
             first = split_start + block * block_kv
@@ -100,28 +101,28 @@ def _pillar_scores_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref, table_r
         lax.fori_loop(0, num_blocks, body, 0)
 
 
-def pillar_scores_paged_tpu(q, k_pool, layer, q_start, q_len, kv_len, page_tables, lse, *, page_size: int,
+def pillar_scores_paged_tpu(q, k_pool, layers, q_start, q_len, kv_len, page_tables, lse, *, page_size: int,
                             max_q_len: int, scale: float | None = None, pages_per_block: int | None = None,
                             kv_splits: int | None = None, interpret=False):
-    """Mean attention probability of every logical key position per (row, KV head): f32[R, Hkv, P * page_size].
+    """Mean attention probability of every logical key position per (stacked layer, row, KV head):
+    f32[Ls, R, Hkv, P * page_size].
 
     pages_per_block: pages per double-buffered K block (None: enough for 128 positions, so score stores are
     lane-dense); kv_splits: key ranges per (row, KV head) (None: only when the grid would have fewer than
     MIN_GRID_STEPS steps). interpret: False on a TPU, True or a `pltpu.InterpretParams` elsewhere.
     """
-    num_tokens, num_q_heads, head_dim = q.shape
+    check_score_stack(q, layers, lse)
+    num_stacked, num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = check_queries_against_pool(q, k_pool)
     num_rows, num_pages = page_tables.shape
     check_head_dim(head_dim)
-    if lse.shape != (num_tokens, num_q_heads):
-        raise ValueError(f"lse has shape {lse.shape}, expected {(num_tokens, num_q_heads)} to match q")
     if max_q_len < 1 or page_size < 1:
         raise ValueError(f"max_q_len ({max_q_len}) and page_size ({page_size}) must be >= 1")
     for name, arr in (("q_start", q_start), ("q_len", q_len), ("kv_len", kv_len)):
         if arr.shape != (num_rows,):
             raise ValueError(f"{name} has shape {arr.shape}, expected ({num_rows},) to match page_tables")
-    if num_rows == 0:                                   # no launch over an empty grid
-        return jnp.zeros((0, num_kv_heads, num_pages * page_size), jnp.float32)
+    if num_rows == 0 or num_stacked == 0:               # no launch over an empty grid
+        return jnp.zeros((num_stacked, num_rows, num_kv_heads, num_pages * page_size), jnp.float32)
     group = num_q_heads // num_kv_heads
     queries_per_chunk = round_up(min(max_q_len, max(1, MAX_TILE_ROWS // group)), SUBLANES)
     resident_queries = round_up(max_q_len, queries_per_chunk)
@@ -137,7 +138,7 @@ def pillar_scores_paged_tpu(q, k_pool, layer, q_start, q_len, kv_len, page_table
     num_keys = num_pages * page_size
     num_blocks = -(-num_keys // block_kv)
     if kv_splits is None:
-        kv_splits = choose_kv_splits(num_rows * num_kv_heads, num_blocks, MIN_GRID_STEPS)
+        kv_splits = choose_kv_splits(num_stacked * num_rows * num_kv_heads, num_blocks, MIN_GRID_STEPS)
     kv_splits = max(1, min(kv_splits, num_blocks))
     blocks_per_split = -(-num_blocks // kv_splits)
     split_len = blocks_per_split * block_kv
@@ -151,9 +152,10 @@ def pillar_scores_paged_tpu(q, k_pool, layer, q_start, q_len, kv_len, page_table
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
-            grid=(num_rows, num_kv_heads, kv_splits),
+            grid=(num_stacked, num_rows, num_kv_heads, kv_splits),
             in_specs=[hbm, hbm, hbm],
-            out_specs=pl.BlockSpec((None, None, None, 1, split_len), lambda r, h, s, *_: (r, h, s, 0, 0)),
+            out_specs=pl.BlockSpec((None, None, None, None, 1, split_len),
+                                   lambda e, r, h, s, *_: (e, r, h, s, 0, 0)),
             scratch_shapes=[
                 pltpu.VMEM((group, resident_queries, head_dim), q.dtype),
                 pltpu.VMEM((group, resident_queries, 1), jnp.float32),
@@ -161,12 +163,12 @@ def pillar_scores_paged_tpu(q, k_pool, layer, q_start, q_len, kv_len, page_table
                 pltpu.SemaphoreType.DMA((1, 2)),
                 pltpu.SemaphoreType.DMA((2,)),
             ]),
-        out_shape=jax.ShapeDtypeStruct((num_rows, num_kv_heads, kv_splits, 1, split_len), jnp.float32),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+        out_shape=jax.ShapeDtypeStruct((num_stacked, num_rows, num_kv_heads, kv_splits, 1, split_len), jnp.float32),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 4),
         interpret=interpret_params(interpret),
         name="pillar_scores_paged_tpu",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), q_start.astype(jnp.int32), q_len.astype(jnp.int32),
+    )(jnp.asarray(layers, jnp.int32), q_start.astype(jnp.int32), q_len.astype(jnp.int32),
       kv_len.astype(jnp.int32), page_tables.astype(jnp.int32).reshape(-1),
-      q.reshape(num_tokens, num_kv_heads, group, head_dim),
-      lse.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, 1), k_pool)
-    return scores.reshape(num_rows, num_kv_heads, kv_splits * split_len)[..., :num_keys]
+      q.reshape(num_stacked, num_tokens, num_kv_heads, group, head_dim),
+      lse.astype(jnp.float32).reshape(num_stacked, num_tokens, num_kv_heads, group, 1), k_pool)
+    return scores.reshape(num_stacked, num_rows, num_kv_heads, kv_splits * split_len)[..., :num_keys]

@@ -461,7 +461,7 @@ def context_prompts(prompt_ids: Sequence[list[int]], batch: int, context: int) -
 def fill_growth(method: str, config: BenchConfig) -> int:
     """Tokens a request may decode while the rest of its batch is still prefilling (a request decodes from the
     step after its own prefill ends): the fill's steps at the largest batch and context, at the growth rate
-    shaped_headroom allows per step, plus one verify."""
+    shaped_headroom allows per step ("none": one token, the least any method grows), plus one verify."""
     context, batch = max(config.real_contexts), max(config.real_batch)
     steps = math.ceil(batch * context / FILL_TOKENS) + math.ceil(context / FILL_CHUNK)
     per_step = math.ceil((config.k + 1) / 2) if method == "ngram" else 1
@@ -474,13 +474,14 @@ def _prefilled_engine(model: RealModel, prompts: list[list[int]], method: str, c
     context when the fill ended (requests that finished prefilling first have decoded a little since). Limits
     depend on the largest batch and context only, so every point of a method compiles the same decode shapes."""
     largest, limit = max(config.real_contexts), model.config.max_position_embeddings
-    growth = fill_growth(method, config)
-    if largest + growth > limit:
-        raise ValueError(f"bench real_contexts: {largest} tokens plus the growth while filling ({growth} for "
-                         f"{method}) exceed {model.name}'s context of {limit} tokens")
-    # The windows' worst case (n-gram: every draft accepted on every verify) may not fit the model's context;
-    # real acceptance grows requests far less, and a window whose batch shrinks raises (_window_point).
-    max_len = min(largest + growth + shaped_headroom(method, config), limit)
+    least_growth = fill_growth("none", config)
+    if largest + least_growth > limit:
+        raise ValueError(f"bench real_contexts: {largest} tokens plus the growth while filling ({least_growth} "
+                         f"even without drafts) exceed {model.name}'s context of {limit} tokens")
+    # The worst case while filling and over the windows (n-gram: every draft accepted on every verify) may not
+    # fit the model's context; real acceptance grows requests far less, and a window whose batch shrank by
+    # then raises (_window_point).
+    max_len = min(largest + fill_growth(method, config) + shaped_headroom(method, config), limit)
     engine, requests = _real_requests(model, prompts, method, config, sync, max_len, max_tokens=1 << 30,
                                       prefill_chunk=FILL_CHUNK, prefill_tokens=FILL_TOKENS)
     while any(not r.output_ids for r in requests):     # a prompt's first output token ends its prefill

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsespec_jax.attention import (AttentionMetadata, paged_attention, pillar_scores, sparse_attention,
-                                      unified_attention)
+from sparsespec_jax.attention import (AttentionMetadata, paged_attention, pillar_scores, score_query_rows,
+                                      sparse_attention, unified_attention)
 from sparsespec_jax.config import ModelConfig, param_shapes
 from sparsespec_jax.spec.config import SpecConfig
 
@@ -200,11 +200,8 @@ def _attention_layers(k_pool, v_pool, queries, slot_ids, count, meta: AttentionM
     """Every layer's attention dispatch of one step (queries [layers, N, Hq, D]), layers over the pool's layers."""
     pool_layers = k_pool.shape[0]
     full_rows = meta.q_len.shape[0]
-    if score_pass:
-        scores_meta = AttentionMetadata(q_start=meta.q_start[:num_verifies], q_len=meta.q_len[:num_verifies],
-                                        kv_len=meta.kv_len[:num_verifies], page_tables=meta.page_tables[:num_verifies],
-                                        write_slots=meta.write_slots, page_size=meta.page_size,
-                                        max_q_len=meta.max_q_len)
+    if score_pass:      # as the engine's step: verify rows' queries kept per layer, all layers scored at the end
+        score_tokens, scores_meta = score_query_rows(meta, num_verifies, queries.shape[1] - num_drafts)
 
     def layer(carry, inputs):
         q, index = inputs
@@ -215,9 +212,11 @@ def _attention_layers(k_pool, v_pool, queries, slot_ids, count, meta: AttentionM
             out, lse = paged_attention(backend, q, k_pool, v_pool, pool_layer, meta)
         else:
             out, lse = unified_attention(backend, q, k_pool, v_pool, pool_layer, slot_ids, count, meta)
-        scores = None
-        if score_pass:
-            scores = pillar_scores(backend, q[num_drafts:], k_pool, pool_layer, scores_meta, lse[num_drafts:])
-        return carry, (out, scores)
+        kept = (q[num_drafts:][score_tokens], lse[num_drafts:][score_tokens]) if score_pass else None
+        return carry, (out, kept)
 
-    return jax.lax.scan(layer, None, (queries, jnp.arange(queries.shape[0], dtype=jnp.int32)))[1]
+    layers = jnp.arange(queries.shape[0], dtype=jnp.int32)
+    out, kept = jax.lax.scan(layer, None, (queries, layers))[1]
+    if not score_pass:
+        return out, None
+    return out, pillar_scores(backend, kept[0], k_pool, layers % pool_layers, scores_meta, kept[1])
