@@ -1,12 +1,14 @@
-"""The GPU step flags reach XLA_FLAGS on import without overriding what the user set."""
+"""The GPU step flags reach XLA_FLAGS on import without overriding what the user set; quick compiles are
+scoped."""
 
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from sparsespec_jax.xla_flags import GPU_GRAPH_FLAGS, GPU_LAYER_LOOP_FLAGS, add_default_xla_flags
+from sparsespec_jax.xla_flags import GPU_GRAPH_FLAGS, GPU_LAYER_LOOP_FLAGS, add_default_xla_flags, quick_compiles
 
 ALL_FLAGS = {**GPU_LAYER_LOOP_FLAGS, **GPU_GRAPH_FLAGS}
 
@@ -42,3 +44,13 @@ def test_import_sets_the_flags_before_jax_starts_and_xla_accepts_them():
     flags_line, total = result.stdout.split("\n")[:2]
     assert set(flags_line.split()) == {f"--{n}={v}" for n, v in ALL_FLAGS.items()}
     assert total == "6.0"
+
+
+def test_quick_compiles_hold_only_inside_and_survive_an_error():
+    setting = lambda: jax.config.values["jax_disable_most_optimizations"]
+    before = setting()
+    with pytest.raises(RuntimeError, match="inside"):
+        with quick_compiles():
+            assert setting() is True
+            raise RuntimeError("inside")
+    assert setting() == before
