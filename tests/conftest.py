@@ -47,9 +47,9 @@ def make_engine(smollm2):
 
 
 @pytest.fixture(autouse=True)
-def quick_compiles_for_tiny_models(request):
-    """Tests marked tiny_model compile with most XLA optimizations off (see xla_flags.quick_compiles)."""
-    if request.node.get_closest_marker("tiny_model") is None:
+def quick_compiles_where_marked(request):
+    """Tests marked quick_compiles compile with most XLA optimizations off (see xla_flags.quick_compiles)."""
+    if request.node.get_closest_marker("quick_compiles") is None:
         yield
         return
     with quick_compiles():

@@ -11,6 +11,8 @@ from scipy import stats
 from sparsespec_jax.sampling import SamplingArrays, SamplingError, SamplingParams, processed_log_probs, sample_tokens
 from sparsespec_jax.spec.acceptance import NO_TOKEN, draft_sample, replay_acceptance, verify_drafts
 
+pytestmark = pytest.mark.quick_compiles
+
 VOCAB = 8
 ROWS = 16384
 START = VOCAB           # context index of the last committed token in the toy Markov chain

@@ -22,7 +22,7 @@ from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 from test_backends import TINY, tiny_params  # noqa: F401  (module fixture: the sharpened tiny model)
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 
 def run(tiny_params, tokenizer, backend: str):

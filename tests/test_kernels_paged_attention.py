@@ -13,7 +13,7 @@ import pytest
 
 from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 INTERPRET = jax.default_backend() == "cpu"
 NUM_LAYERS = 3

@@ -15,7 +15,7 @@ from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference
 from test_kernels_paged_attention import INTERPRET, LAYER, make_paged_batch
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 
 def score_inputs(batch, *, page_size, max_q_len, layers=(LAYER, 0)):

@@ -13,7 +13,7 @@ import pytest
 
 from pallas_kernels.sparse_attention import sparse_decode_attention, sparse_decode_attention_reference
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 INTERPRET = jax.default_backend() == "cpu"
 NUM_LAYERS = 2

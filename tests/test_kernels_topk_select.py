@@ -13,7 +13,7 @@ import pytest
 
 from pallas_kernels.topk_select import topk_select, topk_select_reference
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 INTERPRET = jax.default_backend() == "cpu"
 

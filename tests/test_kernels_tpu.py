@@ -27,7 +27,7 @@ from test_kernels_pillar_scores import score_inputs
 from test_kernels_sparse_attention import make_sparse_batch
 from test_kernels_topk_select import random_scores
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 CHECKED = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2)
 TPU_V5E = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,

@@ -15,7 +15,7 @@ from test_kernels_paged_attention import INTERPRET, assert_matches, make_paged_b
 from pallas_kernels.unified_attention import unified_attention, unified_attention_reference
 from pallas_kernels.unified_attention.triton_kernel import balanced_kv_splits
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 
 def make_mixed_batch(seed, counts, q_lens, kv_lens, *, num_q_heads, num_kv_heads, head_dim, page_size, budget,

@@ -19,7 +19,7 @@ from test_kernels_unified_attention import make_mixed_batch
 
 from pallas_kernels.unified_attention import unified_attention_reference, unified_attention_tpu
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 CASES = {
     # name: (draft counts, full q_lens, full kv_lens, Hq, Hkv, head_dim, page_size, budget, max_q_len, options)

@@ -18,6 +18,8 @@ from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
+pytestmark = pytest.mark.quick_compiles
+
 # Three layers: shapes no other test compiles, so this engine's offload programs compile here.
 CONFIG = ModelConfig(arch="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3,
                      num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, tie_word_embeddings=True,

@@ -9,6 +9,8 @@ from scipy import stats
 from sparsespec_jax.sampling import (TRUNCATION_CANDIDATES, SamplingArrays, SamplingError, SamplingParams, Stream,
                                      derive_seed, processed_log_probs, sample_tokens, token_key, truncation_cut)
 
+pytestmark = pytest.mark.quick_compiles
+
 processed = jax.jit(processed_log_probs)
 sample = jax.jit(sample_tokens)
 

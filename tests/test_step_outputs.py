@@ -19,7 +19,7 @@ from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
-pytestmark = pytest.mark.tiny_model
+pytestmark = pytest.mark.quick_compiles
 
 MODEL = dataclasses.replace(TINY, num_layers=2)
 

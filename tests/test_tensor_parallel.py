@@ -71,7 +71,7 @@ def run_tiny(params, tokenizer, tensor_parallel: int, method: str) -> list[list[
 
 
 @pytest.mark.slow
-@pytest.mark.tiny_model
+@pytest.mark.quick_compiles
 def test_tiny_qwen3_on_two_and_four_devices_generates_what_one_device_does(tiny_params, smollm2):
     expected = run_tiny(tiny_params, smollm2.tokenizer, 1, "none")
     assert len({tuple(out) for out in expected}) == 3          # distinct continuations: a real comparison
