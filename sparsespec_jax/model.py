@@ -1,8 +1,9 @@
 """One decoder for the Llama and Qwen families, as a Flax NNX module over a paged KV cache.
 
 Per-layer weights are stacked on a leading layer axis and run with lax.scan, so compile time does not grow
-with depth. The KV cache lives outside the module and is threaded through the scan; attention is supplied by
-the caller (vanilla, draft or verify flavour) so one decoder serves every step kind.
+with depth. Projections that read the same input run as one GEMM over fused weights (q/k/v, gate/up). The KV
+cache lives outside the module and is threaded through the scan; attention is supplied by the caller (vanilla,
+draft or verify flavour) so one decoder serves every step kind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax import nnx
 from sparsespec_jax.config import ModelConfig, param_shapes, validate_params
 from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.rope import apply_rope, inverse_frequencies
-from sparsespec_jax.sharding import gathered_logits, mesh_of
+from sparsespec_jax.sharding import TP_AXIS, constrain, gathered_logits, mesh_of
 
 LAYER_PREFIX = "layers."
 
@@ -31,6 +32,45 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def fuse_projections(cfg: ModelConfig, layers: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The stacked layer weights with wq/wk/wv fused into wqkv [L, D, Hkv, (G+2)*Dh] (per KV head: its G query
+    heads, its K head, its V head) and w_gate/w_up into w_gate_up [L, D, 2, F].
+
+    Why: one GEMM per fused weight fills a GPU better at a few hundred tokens than two or three small ones, and
+    left to itself XLA merges the q/k/v GEMMs anyway, by copying the three weights into one on every step
+    (~0.8 ms of a Qwen3-8B step on an H200). Fused here, that step's kernels took 14.7 ms instead of 15.6.
+    Grouping by KV head keeps each tensor-parallel device's query, key and value columns together, so the fused
+    weight splits over KV heads the way the separate ones split over their heads.
+    """
+    L, D = cfg.num_layers, cfg.hidden_size
+    hkv, dh = cfg.num_kv_heads, cfg.head_dim
+    group = cfg.num_heads // hkv
+    fused = {name: w for name, w in layers.items() if name not in ("wq", "wk", "wv", "w_gate", "w_up")}
+    wqkv = jnp.concatenate([layers["wq"].reshape(L, D, hkv, group * dh), layers["wk"].reshape(L, D, hkv, dh),
+                            layers["wv"].reshape(L, D, hkv, dh)], axis=3)
+    w_gate_up = jnp.stack([layers["w_gate"], layers["w_up"]], axis=2)
+    mesh = _placed_mesh(layers["wq"])
+    if mesh is not None:
+        wqkv = constrain(wqkv, mesh, None, None, TP_AXIS, None)
+        intermediate_split = not _replicated(layers["w_gate"])      # replicated where F does not split evenly
+        w_gate_up = constrain(w_gate_up, mesh, None, None, None, TP_AXIS if intermediate_split else None)
+    fused["wqkv"], fused["w_gate_up"] = wqkv, w_gate_up
+    return fused
+
+
+def _placed_mesh(x: jax.Array):
+    """The tensor-parallel mesh a placed array lives on, or None."""
+    sharding = getattr(x, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or TP_AXIS not in mesh.axis_names or mesh.shape[TP_AXIS] == 1:
+        return None
+    return mesh
+
+
+def _replicated(x: jax.Array) -> bool:
+    return all(axis is None for axis in x.sharding.spec)
 
 
 class LayerStack(nnx.Module):
@@ -59,8 +99,9 @@ class Transformer(nnx.Module):
         self.embed = nnx.Param(cast(params["embed"]))
         self.final_norm = nnx.Param(cast(params["final_norm"]))
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(cast(params["lm_head"]))
-        self.layers = LayerStack({name[len(LAYER_PREFIX):]: cast(value) for name, value in params.items()
-                                  if name.startswith(LAYER_PREFIX)})
+        self.layers = LayerStack(fuse_projections(cfg, {name[len(LAYER_PREFIX):]: cast(value)
+                                                        for name, value in params.items()
+                                                        if name.startswith(LAYER_PREFIX)}))
 
     def matmul_precision(self):
         """float32 weights get true float32 matmuls: TF32 (the GPU default) rounds differently for different
@@ -76,6 +117,8 @@ class Transformer(nnx.Module):
     def _forward(self, tokens, positions, kv: KVCache, write_slots, attend: AttendFn, layer_inputs):
         cfg = self.cfg
         n = tokens.shape[0]
+        hkv, dh = cfg.num_kv_heads, cfg.head_dim
+        group = cfg.num_heads // hkv
         inv_freq = jnp.asarray(inverse_frequencies(cfg), jnp.float32)
         x = self.embed[...][tokens]
 
@@ -83,12 +126,11 @@ class Transformer(nnx.Module):
             x, k_pool, v_pool = carry
             w, layer_index, inputs = xs
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+            qkv = jnp.einsum("nd,dhe->nhe", h, w["wqkv"]).reshape(n, hkv, group + 2, dh)
+            q, k, v = qkv[:, :, :group].reshape(n, cfg.num_heads, dh), qkv[:, :, group], qkv[:, :, group + 1]
             if cfg.attention_bias:
-                q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-            q = q.reshape(n, cfg.num_heads, cfg.head_dim)
-            k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-            v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+                q = q + w["bq"].reshape(cfg.num_heads, dh)
+                k, v = k + w["bk"].reshape(hkv, dh), v + w["bv"].reshape(hkv, dh)
             if cfg.qk_norm:
                 q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
                 k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
@@ -99,7 +141,8 @@ class Transformer(nnx.Module):
             attn, outputs = attend(q, k_pool, v_pool, layer_index, inputs)
             x = x + attn.reshape(n, -1).astype(x.dtype) @ w["wo"]
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-            x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+            gate_up = jnp.einsum("nd,dcf->ncf", h, w["w_gate_up"])
+            x = x + (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ w["w_down"]
             return (x, k_pool, v_pool), outputs
 
         xs = (self.layers.arrays(), jnp.arange(cfg.num_layers, dtype=jnp.int32), layer_inputs)

@@ -9,6 +9,9 @@ all-reduces of the hidden state (after wo and after w_down):
   w_gate, w_up          column-parallel (intermediate)  w_down   row-parallel (intermediate)
   embed, lm_head        vocabulary-parallel              norms    replicated
 
+The decoder then fuses q/k/v and gate/up (model.fuse_projections) in layouts that keep these splits: wqkv
+over KV heads, w_gate_up over the intermediate size.
+
 The embedding and LM head are split over the vocabulary, not the hidden size: tied models use one table for
 both, and for the LM head (the widest matmul of a small model) each device then computes a slice of the
 logits that only has to be gathered, [rows, V] once, where a hidden split would all-reduce partial logits of

@@ -44,14 +44,14 @@ def tiny_params():
 
 
 def assert_heads_split(engine: Engine, tensor_parallel: int) -> None:
-    """Each device holds its share of the KV heads (pool and draft sets) and of the query projection only;
+    """Each device holds its share of the KV heads (pool and draft sets) and of the fused q/k/v projection only;
     checked after generating, so the steps' outputs kept the layout they were given."""
     cfg = engine.model_config
     pool_heads = {shard.data.shape[1] for shard in engine.kv.k.addressable_shards}
     assert len(engine.kv.k.addressable_shards) == tensor_parallel
     assert pool_heads == {cfg.num_kv_heads // tensor_parallel}
-    wq_columns = {shard.data.shape[2] for shard in engine.state["layers"]["wq"][...].addressable_shards}
-    assert wq_columns == {cfg.num_heads * cfg.head_dim // tensor_parallel}
+    qkv_heads = {shard.data.shape[2] for shard in engine.state["layers"]["wqkv"][...].addressable_shards}
+    assert qkv_heads == {cfg.num_kv_heads // tensor_parallel}
     if engine.spec.drafts_with_model:
         assert {s.data.shape[2] for s in engine.slot_state.sets.positions.addressable_shards} == pool_heads
 

@@ -112,7 +112,7 @@ def profile(shape: str, method: str, params, batch: int, context: int, trace_dir
           f"{launches / steps:.0f} launches/step, wall {np.mean([s.step_ms for s in window]):.2f} ms/step "
           f"(host {np.mean([s.host_ms for s in window]):.2f}, of it dispatch "
           f"{np.mean([s.dispatch_ms for s in window]):.2f}), tokens fed/step {np.mean([s.tokens for s in window]):.0f}")
-    for name, ns in by_kernel.most_common(25):
+    for name, ns in by_kernel.most_common(40):
         print(f"  {ns / 1e6 / steps:8.3f} ms  {100 * ns / total:5.1f}%  {name[:120]}")
     del engine
 
