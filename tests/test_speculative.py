@@ -1,10 +1,9 @@
-"""Self-speculative decoding: acceptance statistics, sampling limits, configuration errors, recompute."""
+"""Self-speculative decoding: acceptance statistics, sampling limits and configuration errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import generate
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
@@ -56,14 +55,3 @@ def test_spec_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         SpecConfig(**{field: value})
 
-
-@pytest.mark.slow
-def test_preemption_under_speculation_keeps_outputs(make_engine, smollm2):
-    """Rounds need k spare slots per row; a tight pool preempts and recomputes without changing tokens."""
-    prompts = prompt_ids(smollm2.tokenizer)[1:]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    roomy = generate(make_engine("none", max_batch_size=4), prompts, params)
-    tight = make_engine("pillar", max_batch_size=4, kv_cache_tokens=160, max_model_len=128, page_size=8,
-                        min_context_bucket=64, host_kv_tokens=0, **SPARSE)
-    assert generate(tight, prompts, params) == roomy
-    assert tight.scheduler.num_preemptions > 0

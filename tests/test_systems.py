@@ -90,6 +90,8 @@ def test_kv_pool_ten_times_too_small_offloads_and_restores(vanilla, make_engine)
 
 @pytest.mark.slow
 def test_without_host_pool_eviction_recomputes(vanilla, make_engine):
+    """Pillar rounds need k spare slots per row; a tight pool with no host pool preempts and recomputes, and the
+    tokens do not change."""
     prompts, params, expected = vanilla
     engine = make_engine("pillar", **SPARSE, **{**ENGINE, "kv_cache_tokens": 160, "host_kv_tokens": 0})
     assert generate(engine, prompts[:12], params[:12]) == expected[:12]
