@@ -1,7 +1,7 @@
 """Tensor parallelism changes where heads live, not what is generated: greedy tokens match one device exactly.
 
 Speculative decoding is lossless, so a pillar engine on N devices must reproduce vanilla greedy decoding on one
-device token for token (one-device pillar against one-device vanilla is test_speculative's check): each model's
+device token for token (one-device pillar against one-device vanilla is test_systems' check): each model's
 one-device vanilla run is the one reference for both methods. Each model's checks form a single test, so the
 reference is computed once even when tests are spread over workers.
 """
