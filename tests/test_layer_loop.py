@@ -61,12 +61,13 @@ def test_unrolled_pillar_step_does_not_copy_the_kv_pool():
     for _ in range(8):
         engine.add_request(rng.integers(0, MODEL.vocab_size, 300).tolist(),
                            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-    mixed = []
-    while not mixed and engine.has_unfinished():   # up to the first decode-only step with both row kinds
+    mixed = None
+    while mixed is None and engine.has_unfinished():   # up to the first decode-only step with both row kinds
         engine.step()
-        if engine.metrics.steps[-1].prefill_rows == 0:
-            mixed = [calls[-1]] if rows_of(calls[-1][4], "emits") and rows_of(calls[-1][4], "sparse") else []
-    assert mixed, "no step had both verify rows (with a score pass) and sparse draft rows"
+        layout = calls[-1][4]
+        if engine.metrics.steps[-1].prefill_rows == 0 and rows_of(layout, "emits") and rows_of(layout, "sparse"):
+            mixed = calls[-1]
+    assert mixed is not None, "no decode step had both verify rows (with a score pass) and sparse draft rows"
     pool_bytes = engine.kv.k.size * engine.kv.k.dtype.itemsize
-    memory = step_fn.lower(*mixed[-1]).compile().memory_analysis()
+    memory = step_fn.lower(*mixed).compile().memory_analysis()
     assert memory.temp_size_in_bytes < pool_bytes, (memory.temp_size_in_bytes, pool_bytes)
