@@ -51,22 +51,13 @@ def fuse_projections(cfg: ModelConfig, layers: Mapping[str, jax.Array]) -> dict[
     wqkv = jnp.concatenate([layers["wq"].reshape(L, D, hkv, group * dh), layers["wk"].reshape(L, D, hkv, dh),
                             layers["wv"].reshape(L, D, hkv, dh)], axis=3)
     w_gate_up = jnp.stack([layers["w_gate"], layers["w_up"]], axis=2)
-    mesh = _placed_mesh(layers["wq"])
+    mesh = mesh_of(layers["wq"])
     if mesh is not None:
         wqkv = constrain(wqkv, mesh, None, None, TP_AXIS, None)
         intermediate_split = not _replicated(layers["w_gate"])      # replicated where F does not split evenly
         w_gate_up = constrain(w_gate_up, mesh, None, None, None, TP_AXIS if intermediate_split else None)
     fused["wqkv"], fused["w_gate_up"] = wqkv, w_gate_up
     return fused
-
-
-def _placed_mesh(x: jax.Array):
-    """The tensor-parallel mesh a placed array lives on, or None."""
-    sharding = getattr(x, "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or TP_AXIS not in mesh.axis_names or mesh.shape[TP_AXIS] == 1:
-        return None
-    return mesh
 
 
 def _replicated(x: jax.Array) -> bool:
