@@ -110,6 +110,9 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
                         help="trace every layer into the step instead of a loop (about 5x the compile time)")
     parser.add_argument("--min-batch-bucket", type=int, default=None,
                         help="fewest rows a compiled step group has: fewer compiled shapes, more padded rows")
+    parser.add_argument("--row-buckets-per-doubling", type=int, default=None,
+                        help="row bucket sizes per power of two in groups of over 64 tokens (1: powers of two "
+                             "only): less padding, more compiled shapes")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     real = parser.add_argument_group("real workload (a checkpoint generating for real)")
@@ -376,7 +379,7 @@ def run_convert(args) -> int:
 
 
 BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "attention_backend", "unroll_layers",
-                "min_batch_bucket", "temperature", "seed",
+                "min_batch_bucket", "row_buckets_per_doubling", "temperature", "seed",
                 "model", "real_random_shape", "prompts", "real_batch", "new_tokens", "real_dtype", "sync_tokens",
                 "real_contexts",
                 "shape", "shaped_batch", "contexts", "warmup", "steps", "sync_steps", "prompt_length",

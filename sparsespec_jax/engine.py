@@ -57,6 +57,7 @@ class EngineConfig:
     seed: int = 0
     min_context_bucket: int = 512             # narrowest page table compiled (tokens): fewer compiles vs work
     min_batch_bucket: int = 8                 # fewest rows a compiled step group has: fewer compiles vs work
+    row_buckets_per_doubling: int = 4         # row bucket sizes per power of two in large groups (step_batch)
     scheduler: str = "unified"                # "phased": every request verifies on the same step
     sync_host: bool = False                   # read each step's results before planning the next
     host_kv_tokens: int = 65536               # host memory pool for offloaded KV (0: preempt and recompute)
@@ -67,7 +68,8 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_size", "kv_cache_tokens", "page_size", "max_num_batched_tokens",
-                     "prefill_chunk_size", "min_context_bucket", "min_batch_bucket", "tensor_parallel"):
+                     "prefill_chunk_size", "min_context_bucket", "min_batch_bucket", "row_buckets_per_doubling",
+                     "tensor_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -138,7 +140,8 @@ class Engine:
                                    max_pages=-(-(self.max_model_len + k) // config.page_size),
                                    page_size=config.page_size,
                                    min_pages=-(-config.min_context_bucket // config.page_size),
-                                   min_rows=config.min_batch_bucket)
+                                   min_rows=config.min_batch_bucket,
+                                   rows_per_doubling=config.row_buckets_per_doubling)
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
 
         self.mesh = make_mesh(cfg, config.tensor_parallel)

@@ -10,6 +10,10 @@ Everything is built with array operations over the plan's rows.
 Shapes are padded to powers of two so the jitted step compiles once per bucket: rows of each group, full-group
 tokens, the page-table width and the longest query run. Small buckets are not worth their compile time, so each
 has a floor (min_rows rows, min_pages pages, a whole chunk for prompt chunks). An empty group has size 0.
+A group of more than FINE_ROWS_ABOVE_TOKENS tokens pads its rows more finely, to one of `rows_per_doubling`
+evenly spaced sizes up to the next power of two (a flat pillar batch of 128 requests: 102 draft rows padded to
+112, not 128): at that size the step's weight GEMMs stop being bound by reading the weights, so every padded
+token costs its share of compute, while a few more compiled shapes are paid once.
 Padding rows have no tokens and write into the spare slot; padding tokens write into the reserved page.
 """
 
@@ -26,14 +30,23 @@ from sparsespec_jax.scheduler import RowKind, StepPlan
 from sparsespec_jax.slot_table import SlotTable, ragged_offsets
 
 MIN_ROWS = 8
+FINE_ROWS_ABOVE_TOKENS = 64
 
 
-def bucket(n: int, cap: int, minimum: int = 1) -> int:
-    """Smallest power of two >= n (at least `minimum`), never above `cap`; 0 stays 0."""
+def bucket(n: int, cap: int, minimum: int = 1, per_doubling: int = 1) -> int:
+    """Smallest power of two >= n (at least `minimum`), never above `cap`; 0 stays 0. With per_doubling > 1,
+    the smallest of `per_doubling` evenly spaced sizes between half that power and it, where those sizes are
+    whole numbers above `minimum`."""
     if n == 0:
         return 0
+    if n > cap:
+        return n
     size = max(minimum, 1 << max(0, (n - 1).bit_length()))
-    return min(size, cap) if n <= cap else n
+    half = size // 2
+    if per_doubling > 1 and half >= minimum and half % per_doubling == 0:
+        step = half // per_doubling
+        size = half + -(-(n - half) // step) * step
+    return min(size, cap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +58,11 @@ class BucketLimits:
     page_size: int
     min_pages: int = 1
     min_rows: int = MIN_ROWS
+    rows_per_doubling: int = 1
 
-    def rows(self, n: int) -> int:
-        return bucket(n, self.max_rows, minimum=self.min_rows)
+    def rows(self, n: int, tokens_per_row: int = 1) -> int:
+        fine = self.rows_per_doubling if n * tokens_per_row > FINE_ROWS_ABOVE_TOKENS else 1
+        return bucket(n, self.max_rows, minimum=self.min_rows, per_doubling=fine)
 
     def pages(self, n: int) -> int:
         return bucket(n, self.max_pages, minimum=self.min_pages)
@@ -128,10 +143,10 @@ def build_unified_batch(plan: StepPlan, table: SlotTable, limits: BucketLimits, 
     full_rows = np.concatenate([np.flatnonzero(plan.emits), np.flatnonzero(~plan.emits & ~(is_draft & plan.sparse))])
     has_chunks = bool((kind[full_rows] == RowKind.PREFILL).any())
 
-    num_sparse = limits.rows(len(draft_rows))
-    num_full = limits.rows(len(full_rows))
     q_len = plan.num_tokens[full_rows]
     full_tokens = int(q_len.sum())
+    num_sparse = limits.rows(len(draft_rows))
+    num_full = limits.rows(len(full_rows), tokens_per_row=width)
     # With prompt chunks, the query run is the chunk size and the token count at least one chunk.
     num_full_tokens = (bucket(full_tokens, limits.max_tokens, minimum=max(limits.max_q_len, num_full * width))
                        if has_chunks else num_full * width)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +11,12 @@ import pytest
 
 from conftest import generate
 from sparsespec_jax.config import ModelConfig
+import sparsespec_jax.engine as engine_module
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
+from sparsespec_jax.step_batch import BucketLimits, bucket
 
 TINY = ModelConfig(arch="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=16, qk_norm=True, tie_word_embeddings=True, max_position_embeddings=512)
@@ -26,10 +29,12 @@ def tiny_params():
             for name, value in random_params(TINY, seed=5, dtype=jnp.float32).items()}
 
 
+ENGINE = dict(max_batch_size=16, kv_cache_tokens=4096, max_model_len=256, page_size=8, prefill_chunk_size=32,
+              max_num_batched_tokens=16 * (K + 1), min_context_bucket=256, min_batch_bucket=16)
+
+
 def make(tiny_params, tokenizer, method="pillar", **fields) -> Engine:
-    config = dict(max_batch_size=16, kv_cache_tokens=4096, max_model_len=256, page_size=8, prefill_chunk_size=32,
-                  max_num_batched_tokens=16 * (K + 1), min_context_bucket=256, min_batch_bucket=16)
-    return Engine(TINY, tiny_params, tokenizer, EngineConfig(**{**config, **fields}),
+    return Engine(TINY, tiny_params, tokenizer, EngineConfig(**{**ENGINE, **fields}),
                   SpecConfig(method=method, k=K, min_budget=8, budget_ratio=0.1))
 
 
@@ -76,3 +81,32 @@ def test_finishing_offloading_and_restoring_in_one_step_loses_nothing(tiny_param
     assert engine.num_restores == engine.scheduler.num_offloads > 0
     assert mixed_steps > 0, "no step both finished requests and moved KV to or from host memory"
     assert engine.host_kv.used_tokens == 0 and engine.allocator.num_free == engine.allocator.num_pages - 1
+
+
+def test_row_buckets_are_powers_of_two_below_64_tokens_and_finer_above():
+    limits = BucketLimits(max_rows=256, max_tokens=4096, max_q_len=32, max_pages=64, page_size=8,
+                          rows_per_doubling=4)
+    assert [limits.rows(n) for n in (1, 9, 33, 64)] == [8, 16, 64, 64]           # at most 64 tokens
+    assert [limits.rows(n) for n in (65, 81, 102, 129, 200, 256)] == [80, 96, 112, 160, 224, 256]
+    assert [limits.rows(n, tokens_per_row=9) for n in (7, 9, 13, 16, 17)] == [8, 10, 14, 16, 20]
+    coarse = dataclasses.replace(limits, rows_per_doubling=1)
+    assert [coarse.rows(n, tokens_per_row=9) for n in (13, 102)] == [16, 128]
+    for n in range(1, 300):
+        size = bucket(n, 256, minimum=8, per_doubling=4)
+        assert size >= n and (size <= 256 or size == n)
+
+
+@pytest.mark.quick_compiles
+def test_finely_bucketed_verify_groups_change_no_outputs(tiny_params, smollm2, monkeypatch):
+    """Once two of 16 requests finish, the other 14 verify together at k=4: 70 tokens, past 64, so their group
+    is padded to 14 rows rather than 16; the token streams stay those of vanilla decoding."""
+    ids = prompts(16, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=8 if i < 2 else 24, ignore_eos=True) for i in range(len(ids))]
+    expected = generate(make(tiny_params, smollm2.tokenizer, method="none"), ids, params)
+    engine = make(tiny_params, smollm2.tokenizer, scheduler="phased", min_batch_bucket=8, row_buckets_per_doubling=4)
+    built = []
+    original = engine_module.build_unified_batch
+    monkeypatch.setattr(engine_module, "build_unified_batch", lambda *args: built.append(original(*args)) or built[-1])
+    assert generate(engine, ids, params) == expected
+    sizes = {b.meta.q_len.shape[0] for b in built}
+    assert 14 in sizes, sizes

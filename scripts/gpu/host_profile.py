@@ -7,6 +7,7 @@ packing and reading results, without the jitted call and without waiting for the
 
   PYTHONPATH=$PWD python scripts/gpu/host_profile.py --shape smollm2-shaped --batch 256 --context 1024
   PYTHONPATH=$PWD python scripts/gpu/host_profile.py --layers 2 --hidden 64 --vocab 512   # a tiny model on CPU
+  PYTHONPATH=$PWD python scripts/gpu/host_profile.py --tensor-parallel 2 --profile         # two GPUs
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def profile(method: str, cfg, params, args) -> None:
     batch, context = args.batch, args.context
     length = context + args.warmup + args.steps + 100
     config = EngineConfig(dtype=args.dtype, max_batch_size=batch, kv_cache_tokens=batch * length,
-                          max_model_len=length, max_num_batched_tokens=batch * 9, min_context_bucket=length)
+                          max_model_len=length, max_num_batched_tokens=batch * 9, min_context_bucket=length,
+                          tensor_parallel=args.tensor_parallel)
     spec = SpecConfig(method=method, k=8, replay_acceptance=REPLAY if method != "none" else None)
     engine = Engine(cfg, params, placeholder_tokenizer(), config, spec)
     jitted = engine._step_fn
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, help="override the shape's vocabulary size")
     parser.add_argument("--methods", nargs="+", default=["none", "pillar"])
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="devices the engine's heads are split over")
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")

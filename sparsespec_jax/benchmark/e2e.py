@@ -87,6 +87,7 @@ class BenchConfig:
     attention_backend: str = "auto"
     unroll_layers: bool = False                      # EngineConfig.unroll_layers of every engine
     min_batch_bucket: int = 8                        # EngineConfig.min_batch_bucket: fewer compiles vs padding
+    row_buckets_per_doubling: int = 4                # EngineConfig.row_buckets_per_doubling: the same trade
     temperature: float = 0.6
     seed: int = 0
     # real workload
@@ -117,7 +118,7 @@ class BenchConfig:
         _check_choices("workloads", self.workloads, WORKLOADS)
         _check_choices("methods", self.methods, METHODS)
         for name in ("k", "min_budget", "new_tokens", "sync_tokens", "steps", "sync_steps", "prompt_length",
-                     "copy_mib", "attention_reps", "min_batch_bucket"):
+                     "copy_mib", "attention_reps", "min_batch_bucket", "row_buckets_per_doubling"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"bench {name}: must be a positive integer, got {value!r}")
@@ -331,6 +332,7 @@ def _real_requests(model: RealModel, prompt_ids, method: str, config: BenchConfi
     batch = len(prompt_ids)
     engine_config = EngineConfig(dtype=config.real_dtype, attention_backend=config.attention_backend,
                                  unroll_layers=config.unroll_layers, min_batch_bucket=config.min_batch_bucket,
+                                 row_buckets_per_doubling=config.row_buckets_per_doubling,
                                  max_batch_size=batch, max_model_len=max_len,
                                  kv_cache_tokens=batch * (max_len + config.k + PAGE_SIZE),
                                  max_num_batched_tokens=max(batch * (config.k + 1), prefill_tokens),
@@ -425,6 +427,7 @@ def _placed_engine(cfg: ModelConfig, params, batch: int, context: int, method: s
     max_len = max(config.contexts) + headroom
     engine_config = EngineConfig(dtype="bfloat16", attention_backend=config.attention_backend,
                                  unroll_layers=config.unroll_layers, min_batch_bucket=config.min_batch_bucket,
+                                 row_buckets_per_doubling=config.row_buckets_per_doubling,
                                  max_batch_size=batch, max_model_len=max_len,
                                  kv_cache_tokens=batch * (max_len + PAGE_SIZE) + config.k,
                                  max_num_batched_tokens=batch * (config.k + 1), page_size=PAGE_SIZE,
