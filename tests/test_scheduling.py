@@ -1,4 +1,5 @@
-"""Scheduling behaviour on a tiny random model (fast): staggered vs phased batches, and eviction bookkeeping."""
+"""Scheduling behaviour on a tiny random model (fast): staggered vs phased batches, eviction bookkeeping and the
+row buckets a step is padded to."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import generate
-from sparsespec_jax.config import ModelConfig
 import sparsespec_jax.engine as engine_module
+from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
@@ -29,12 +30,10 @@ def tiny_params():
             for name, value in random_params(TINY, seed=5, dtype=jnp.float32).items()}
 
 
-ENGINE = dict(max_batch_size=16, kv_cache_tokens=4096, max_model_len=256, page_size=8, prefill_chunk_size=32,
-              max_num_batched_tokens=16 * (K + 1), min_context_bucket=256, min_batch_bucket=16)
-
-
 def make(tiny_params, tokenizer, method="pillar", **fields) -> Engine:
-    return Engine(TINY, tiny_params, tokenizer, EngineConfig(**{**ENGINE, **fields}),
+    config = dict(max_batch_size=16, kv_cache_tokens=4096, max_model_len=256, page_size=8, prefill_chunk_size=32,
+                  max_num_batched_tokens=16 * (K + 1), min_context_bucket=256, min_batch_bucket=16)
+    return Engine(TINY, tiny_params, tokenizer, EngineConfig(**{**config, **fields}),
                   SpecConfig(method=method, k=K, min_budget=8, budget_ratio=0.1))
 
 
