@@ -51,7 +51,7 @@ def profile(method: str, cfg, params, args) -> None:
     length = context + args.warmup + args.steps + 100
     config = EngineConfig(dtype=args.dtype, max_batch_size=batch, kv_cache_tokens=batch * length,
                           max_model_len=length, max_num_batched_tokens=batch * 9, min_context_bucket=length,
-                          tensor_parallel=args.tensor_parallel)
+                          tensor_parallel=args.tensor_parallel, unroll_layers=args.unroll_layers)
     spec = SpecConfig(method=method, k=8, replay_acceptance=REPLAY if method != "none" else None)
     engine = Engine(cfg, params, placeholder_tokenizer(), config, spec)
     jitted = engine._step_fn
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["none", "pillar"])
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="devices the engine's heads are split over")
+    parser.add_argument("--unroll-layers", action="store_true", help="trace every layer into the step (no loop)")
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
