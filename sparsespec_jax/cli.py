@@ -111,8 +111,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-batch-bucket", type=int, default=None,
                         help="fewest rows a compiled step group has: fewer compiled shapes, more padded rows")
     parser.add_argument("--row-buckets-per-doubling", type=int, default=None,
-                        help="row bucket sizes per power of two in groups of over 64 tokens (1: powers of two "
-                             "only): less padding, more compiled shapes")
+                        help="row bucket sizes per power of two in groups of over 64 tokens (default 1: powers "
+                             "of two only; 4: less padding, about twice the compiled shapes)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     real = parser.add_argument_group("real workload (a checkpoint generating for real)")

@@ -57,7 +57,7 @@ class EngineConfig:
     seed: int = 0
     min_context_bucket: int = 512             # narrowest page table compiled (tokens): fewer compiles vs work
     min_batch_bucket: int = 8                 # fewest rows a compiled step group has: fewer compiles vs work
-    row_buckets_per_doubling: int = 4         # row bucket sizes per power of two in large groups (step_batch)
+    row_buckets_per_doubling: int = 1         # row bucket sizes per power of two in large groups (step_batch)
     scheduler: str = "unified"                # "phased": every request verifies on the same step
     sync_host: bool = False                   # read each step's results before planning the next
     host_kv_tokens: int = 65536               # host memory pool for offloaded KV (0: preempt and recompute)

@@ -87,7 +87,7 @@ class BenchConfig:
     attention_backend: str = "auto"
     unroll_layers: bool = False                      # EngineConfig.unroll_layers of every engine
     min_batch_bucket: int = 8                        # EngineConfig.min_batch_bucket: fewer compiles vs padding
-    row_buckets_per_doubling: int = 4                # EngineConfig.row_buckets_per_doubling: the same trade
+    row_buckets_per_doubling: int = 1                # EngineConfig.row_buckets_per_doubling: the same trade
     temperature: float = 0.6
     seed: int = 0
     # real workload
