@@ -54,4 +54,3 @@ def test_sampled_speculation_runs_and_respects_max_tokens(make_engine, smollm2):
 def test_spec_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         SpecConfig(**{field: value})
-
