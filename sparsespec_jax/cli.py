@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -137,6 +138,9 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     shaped.add_argument("--sync-steps", type=int, default=None, help="steps of the device-time window")
     shaped.add_argument("--replay", nargs="+", default=None,
                         help="accepted-draft distribution p0,...,pk for every method, or method=p0,...,pk")
+    shaped.add_argument("--replay-from", type=Path, default=None,
+                        help="a real-workload report JSON: replay each draft method's acceptance measured there "
+                             "(--replay still sets a method's distribution over it)")
     shaped.add_argument("--prompt-length", type=int, default=None, help="prompt of the length integration")
     shaped.add_argument("--output-lengths", nargs="+", type=int, default=None)
     parser.add_argument("--copy-mib", type=int, default=None, help="array size of the copy-bandwidth measurement")
@@ -388,7 +392,8 @@ BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "atte
 
 def run_bench(args) -> int:
     """Run the side-by-side benchmark, write its report, print the markdown last."""
-    from sparsespec_jax.benchmark.e2e import BenchConfig, parse_replay, run_benchmark, smoke_config
+    from sparsespec_jax.benchmark.e2e import (BenchConfig, parse_replay, replay_from_report, run_benchmark,
+                                              smoke_config)
     from sparsespec_jax.benchmark.report import write_report
     from sparsespec_jax.xla_flags import quick_compiles
 
@@ -397,6 +402,11 @@ def run_bench(args) -> int:
     if args.replay is not None:
         fields["replay"] = parse_replay(args.replay)
     config = smoke_config(**fields) if args.smoke else BenchConfig(**fields)
+    if args.replay_from is not None:
+        measured, sources = replay_from_report(args.replay_from, config.methods, config.k)
+        given = fields.get("replay", {})
+        config = dataclasses.replace(config, replay={**measured, **given},
+                                     replay_sources={m: s for m, s in sources.items() if m not in given})
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     flags = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
 

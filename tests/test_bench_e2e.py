@@ -12,7 +12,7 @@ import pytest
 
 from sparsespec_jax.benchmark import e2e, report, roofline
 from sparsespec_jax.benchmark.e2e import (METHODS, BenchConfig, context_prompts, integrate_over_output_length,
-                                          parse_replay, read_prompts, smoke_config)
+                                          parse_replay, read_prompts, replay_from_report, smoke_config)
 from sparsespec_jax.cli import EXIT_INVALID_JOB, EXIT_OK, main
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.model import random_params
@@ -179,6 +179,42 @@ def test_targets_pass_and_miss_on_given_numbers():
     assert above["status"] == "MISS" and "n-gram" in above["detail"]
     assert targets["host <= 0.5 ms/step"]["status"] == "MISS" and targets["host <= 0.5 ms/step"]["value"] == 0.7
     assert targets["vanilla >= 70% of the copy-bandwidth roofline"]["status"] == "PASS"
+
+
+def test_each_method_replays_its_own_acceptance_from_a_real_report(tmp_path):
+    """--replay-from pools each draft method's real-workload histograms; shaped points, vanilla and other
+    methods' counts do not leak in, and a method the report lacks or a histogram of another k is named."""
+    def point(workload, method, batch, histogram):
+        return {"workload": workload, "method": method, "batch": batch, "context": 4096,
+                "acceptance_histogram": histogram}
+
+    path = tmp_path / "real.json"
+    path.write_text(json.dumps({"points": [
+        point("real", "pillar", 256, [1, 0, 3]), point("real", "pillar", 128, [0, 2, 2]),
+        point("real", "streaming", 256, [2, 1, 1]), point("shaped", "pillar", 128, [50, 0, 0]),
+        point("real", "none", 256, [0])]}))
+    replay, sources = replay_from_report(path, ("pillar", "streaming", "none"), k=2)
+    assert replay == {"pillar": (0.125, 0.25, 0.625), "streaming": (0.5, 0.25, 0.25)}
+    assert "B256 L4096, B128 L4096, 8 verifies pooled, mean 1.50" in sources["pillar"]
+    config = smoke_config(k=2, methods=("pillar", "streaming"), replay=replay, replay_sources=sources)
+    assert config.spec("streaming", replayed=True).replay_acceptance == (0.5, 0.25, 0.25)
+    assert config.replay_description("pillar")["source"].startswith("measured: real.json")
+    with pytest.raises(ValueError, match="no real-workload verifies of ngram.*--replay ngram="):
+        replay_from_report(path, ("pillar", "ngram"), k=2)
+    with pytest.raises(ValueError, match="pillar at B256 L4096 has a histogram of 3 outcomes.*k \\+ 1 = 9"):
+        replay_from_report(path, ("pillar",), k=8)
+    with pytest.raises(ValueError, match="missing.json: cannot read"):
+        replay_from_report(tmp_path / "missing.json", ("pillar",), k=2)
+    with pytest.raises(ValueError, match="replay_sources: 'ngram'"):
+        smoke_config(replay_sources={"ngram": "somewhere"})
+
+
+def test_bench_cli_names_a_replay_report_it_cannot_use(tmp_path, capsys):
+    path = tmp_path / "real.json"
+    path.write_text(json.dumps({"points": [{"workload": "real", "method": "pillar", "batch": 4, "context": 96,
+                                            "acceptance_histogram": [1] * 9}]}))
+    assert main(["bench", "--smoke", "--replay-from", str(path), "--out", str(tmp_path)]) == EXIT_INVALID_JOB
+    assert "no real-workload verifies of ngram" in capsys.readouterr().err
 
 
 def test_bad_bench_configurations_are_named(tmp_path, capsys):

@@ -107,6 +107,7 @@ class BenchConfig:
     steps: int = 40
     sync_steps: int = 8
     replay: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)   # method -> distribution
+    replay_sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # method -> where `replay` came from
     prompt_length: int = 128                         # length integration: the prompt the outputs start from
     output_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     # roofline and attention timing
@@ -148,6 +149,9 @@ class BenchConfig:
         for method in self.replay:
             if method not in METHODS or method == "none":
                 raise ValueError(f"bench replay: {method!r} is not a draft method ({METHODS[1:]})")
+        for method in self.replay_sources:
+            if method not in self.replay:
+                raise ValueError(f"bench replay_sources: {method!r} has a source but no replayed distribution")
         for method in self.methods:
             self.spec(method, replayed="shaped" in self.workloads)     # every spec must be valid now, not mid-run
 
@@ -168,12 +172,14 @@ class BenchConfig:
         if method == "none":
             return {"distribution": None, "source": "vanilla decoding verifies nothing"}
         if method in self.replay:
-            return {"distribution": list(self.replay[method]), "source": "given (--replay)"}
+            return {"distribution": list(self.replay[method]),
+                    "source": self.replay_sources.get(method, "given (--replay)")}
         return {"distribution": list(DEFAULT_REPLAY), "source": DEFAULT_REPLAY_SOURCE}
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["replay"] = {method: list(dist) for method, dist in self.replay.items()}
+        out["replay_sources"] = dict(self.replay_sources)
         return out
 
 
@@ -207,6 +213,41 @@ def parse_replay(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
         for method in ([methods] if methods else METHODS[1:]):
             out[method] = probs
     return out
+
+
+def replay_from_report(path: Path, methods: Sequence[str], k: int) -> tuple[dict, dict]:
+    """Each draft method's accepted-draft distribution as measured by a real-workload report (the JSON a
+    `sparsespec bench --workload real` run writes), pooled over that method's points in it, and a description
+    of where each came from. Shaped runs can so replay every method's own real acceptance rather than one
+    distribution for all, which would compare the methods' costs only."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--replay-from {path}: cannot read a report JSON ({error})") from None
+    counts: dict[str, list[int]] = {}
+    points: dict[str, list[str]] = {}
+    for point in report.get("points", []) if isinstance(report, dict) else []:
+        method, histogram = point.get("method"), point.get("acceptance_histogram")
+        if point.get("workload") != "real" or method in (None, "none") or not histogram:
+            continue
+        if len(histogram) != k + 1:
+            raise ValueError(f"--replay-from {path}: {method} at B{point.get('batch')} L{point.get('context')} "
+                             f"has a histogram of {len(histogram)} outcomes; this run has k + 1 = {k + 1}")
+        counts[method] = [a + b for a, b in zip(counts.get(method, [0] * (k + 1)), histogram)]
+        points[method] = points.get(method, []) + [f"B{point.get('batch')} L{point.get('context')}"]
+    replay, sources = {}, {}
+    for method in methods:
+        if method == "none":
+            continue
+        total = sum(counts.get(method, []))
+        if not total:
+            raise ValueError(f"--replay-from {path}: no real-workload verifies of {method} in it (measured there: "
+                             f"{sorted(counts) or 'none'}); give its distribution with --replay {method}=p0,...,pk")
+        replay[method] = tuple(c / total for c in counts[method])
+        mean = sum(i * c for i, c in enumerate(counts[method])) / total
+        sources[method] = (f"measured: {Path(path).name}, real {method} at {', '.join(points[method])}, "
+                           f"{total} verifies pooled, mean {mean:.2f} accepted")
+    return replay, sources
 
 
 # -- measurement helpers -------------------------------------------------------------------------------------
