@@ -10,6 +10,8 @@ Random weights accept nothing meaningful, so verify outcomes are replayed from `
 accepting 0..k drafts, measured on the real model) — stated in the report. Per row: output tokens/s, host ms
 per step, device ms per step (a second engine of the row's configuration in sync mode: the median wait right
 after each dispatch), output tokens emitted per step and tokens fed per step (recomputed prompts included).
+The first `--plot-steps` timed steps of every row are drawn as tokens fed per step (<name>_tokens_per_step.png):
+the naive row's phase-synchronous steps swing between drafts and verifies, the unified rows' stay level.
 
   python bench/systems_ablation.py --batch 128 --context 2048 --steps 200
 """
@@ -22,9 +24,10 @@ import gc
 import jax.numpy as jnp
 import numpy as np
 
-from common import device_description, markdown_table, today, write_result
+from common import RESULTS, device_description, markdown_table, today, write_result
 from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
+from sparsespec_jax.benchmark.step_plot import plot_tokens_per_step, tokens_series
 from sparsespec_jax.benchmark.timed_window import acceptance_summary, compile_split, time_window
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
@@ -90,7 +93,8 @@ def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host
               "tokens_per_step": window.mean("tokens"), "emitted_per_step": window.mean("emitted_tokens"),
               "accepted_per_verify": acceptance_summary(window.acceptance_counts)["accepted_per_verify"],
               "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
-              "restores": engine.num_restores, "peak_host_kv_tokens": engine.host_kv.peak_tokens}
+              "restores": engine.num_restores, "peak_host_kv_tokens": engine.host_kv.peak_tokens,
+              "tokens_fed_per_timed_step": tokens_series(window.steps)}
     del engine
     gc.collect()                  # the engine holds reference cycles: free its KV pool before the next row
     result["device_ms"] = device_ms(cfg, params, tokenizer, args, method, scheduler, offload)
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--min-budget", type=int, default=128)
     parser.add_argument("--headroom", type=int, default=32, help="tokens each request may grow before eviction")
     parser.add_argument("--replay", type=float, nargs="*", default=DEFAULT_REPLAY)
+    parser.add_argument("--plot-steps", type=int, default=60, help="timed steps per row in the tokens-per-step plot")
     args = parser.parse_args()
     cfg = SHAPES.get(args.model, SMALL)
     params = random_params(cfg, seed=0, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
@@ -145,6 +150,10 @@ def main() -> None:
                     f"{'unrolled' if args.unroll_layers else 'in a loop'}. Script: bench/systems_ablation.py.\n\n"
                     + markdown_table(header, rows))
         write_result(args.name, {"device": device, "date": today(), "args": vars(args), "rows": results}, markdown)
+        plot_tokens_per_step({r["configuration"]: r["tokens_fed_per_timed_step"][:args.plot_steps] for r in results},
+                             RESULTS / f"{args.name}_tokens_per_step.png",
+                             f"Tokens fed per step: {args.model}, batch {args.batch}, context {args.context}, "
+                             f"pillar k={args.k}")
     print(markdown)
 
 

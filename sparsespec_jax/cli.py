@@ -1,5 +1,5 @@
-"""`sparsespec` command line: generate (one prompt or a resumable JSONL batch), convert checkpoints, and bench
-(draft methods side by side)."""
+"""`sparsespec` command line: generate (one prompt or a resumable JSONL batch), convert checkpoints, bench
+(draft methods side by side) and plot-steps (tokens per step of profiled runs)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                                             "take the defaults of sparsespec_jax.benchmark.e2e.BenchConfig (or of "
                                             "the smoke run with --smoke).")
     add_bench_flags(bench)
+
+    plot = commands.add_parser("plot-steps", help="plot tokens fed per step from --profile JSONL files (PNG)")
+    plot.add_argument("profiles", nargs="+", type=Path, help="per-step metrics written by generate --profile")
+    plot.add_argument("--labels", nargs="+", default=None, help="one per profile (default: the file names)")
+    plot.add_argument("--first-steps", type=int, default=None, help="plot only each profile's first N steps")
+    plot.add_argument("--title", default="Tokens fed per step")
+    plot.add_argument("--out", type=Path, required=True, help="PNG to write")
     return parser
 
 
@@ -445,6 +452,23 @@ def check_distributed_flags(args) -> None:
         raise JobError("--distributed splits a batch: give --input and --output")
 
 
+def run_plot_steps(args) -> int:
+    """Tokens fed per step of one or more profiled runs, one line each (unified vs phased, for instance)."""
+    from sparsespec_jax.benchmark.step_plot import plot_tokens_per_step, read_profile, tokens_series
+
+    labels = args.labels or [path.stem for path in args.profiles]
+    if len(labels) != len(args.profiles):
+        raise JobError(f"--labels: {len(labels)} given for {len(args.profiles)} profiles")
+    if len(set(labels)) != len(labels):
+        raise JobError(f"--labels: must be distinct, got {labels}")
+    if args.first_steps is not None and args.first_steps < 1:
+        raise JobError(f"--first-steps: must be >= 1, got {args.first_steps}")
+    series = {label: tokens_series(read_profile(path))[:args.first_steps]
+              for label, path in zip(labels, args.profiles)}
+    print(plot_tokens_per_step(series, args.out, args.title))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     enable_compilation_cache()
@@ -453,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_convert(args)
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "plot-steps":
+            return run_plot_steps(args)
         check_distributed_flags(args)
         return run_batch(args) if args.input is not None else run_single(args)
     except (JobError, ValueError, FileNotFoundError) as err:

@@ -298,7 +298,8 @@ class Engine:
         elapsed = (time.perf_counter() - started) * 1e3
         compiled = self._compilations() > compilations
         counts = np.bincount(plan.kind, minlength=len(RowKind)) if plan is not None else np.zeros(len(RowKind))
-        verifies = int(np.count_nonzero(plan.stalls)) if plan is not None else 0
+        verifies = int(np.count_nonzero((plan.kind == RowKind.VERIFY) & (plan.num_drafts > 0))) if plan is not None \
+            else 0
         self.metrics.add(StepMetrics(
             step=self.num_steps, host_ms=elapsed - self._waited * 1e3, dispatch_ms=self._dispatch_s * 1e3,
             wait_ms=self._waited * 1e3,

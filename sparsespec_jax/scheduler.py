@@ -3,8 +3,9 @@
 Row kinds: PREFILL (a prompt chunk, or a preempted request's recomputed prefix), DRAFT (one draft step) and
 VERIFY (the newest token plus the cycle's drafts; without drafts it is a plain decode). A speculative request
 cycles through k DRAFT rows and one VERIFY row. After a verify with drafts the request sits out (STALL) until
-the host has read how many tokens were accepted; everything else advances deterministically, so the host can
-plan a step before it knows the previous step's tokens.
+the host has read how many tokens were accepted (a first cycle may sit out after a plain token too, to reach
+its phase); everything else advances deterministically, so the host can plan a step before it knows the
+previous step's tokens.
 
 Decoding requests are planned with array operations over the slot table (slot_table.py); only prompt chunks,
 host-made drafts, first cycles, admissions and evictions take a per-request path.
@@ -192,18 +193,37 @@ class Scheduler:
         phases = table.phase[table.active & (table.phase >= 0)]
         return np.bincount(phases, minlength=self.policy.cycle_length)
 
-    def _first_cycle_drafts(self, limit: np.ndarray) -> np.ndarray:
-        """Drafts of first cycles so that each verify lands in the chosen phase."""
+    def _first_cycle_options(self, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A first cycle's ways to start now, most preferred first: (drafts, sits out, phase) per option.
+
+        With d drafts it verifies d steps from now. With none it decodes one plain token now and its next
+        cycle (k drafts) verifies k + 1 steps from now, or k + 1 + stall_steps if it sits out after that token
+        like after a verify. Together they reach every phase of the cycle; without the zero-draft starts a
+        batch admitted on one step would leave phases empty when running ahead (k + 2 phases, k + 1 starts)."""
+        policy = self.policy
+        drafts = np.arange(limit, -1, -1)
+        sits_out = np.zeros(limit + 1, bool)
+        if policy.stall_steps:
+            drafts, sits_out = np.append(drafts, 0), np.append(sits_out, True)
+        offset = np.where(drafts > 0, drafts, policy.k + 1 + sits_out * policy.stall_steps)
+        return drafts, sits_out, (self.step_index + offset) % policy.cycle_length
+
+    def _first_cycles(self, limit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(drafts, sits out, phase) of first cycles so that each verify lands in the chosen phase: the least
+        loaded one (unified), the last one of the cycle (phased)."""
         length = self.policy.cycle_length
-        if self.policy.mode == "phased":
-            return np.minimum(limit, (length - 1 - self.step_index) % length)
         loads = self._phase_loads()
-        chosen = np.empty_like(limit)
+        chosen = np.zeros((3, len(limit)), np.int64)
         for i, lim in enumerate(limit):
-            j = min(range(int(lim) + 1), key=lambda j: (loads[(self.step_index + j) % length], -j))
-            loads[(self.step_index + j) % length] += 1
-            chosen[i] = j
-        return chosen
+            drafts, sits_out, phases = self._first_cycle_options(int(lim))
+            if self.policy.mode == "phased":
+                matches = np.flatnonzero(phases == length - 1)
+                j = int(matches[0]) if len(matches) else 0          # else as many drafts as the request has
+            else:
+                j = int(np.argmin(loads[phases]))                    # first of the least loaded: preferred
+                loads[phases[j]] += 1
+            chosen[:, i] = drafts[j], sits_out[j], phases[j]
+        return chosen[0], chosen[1].astype(bool), chosen[2]
 
     def _decode_rows(self, slots: np.ndarray) -> dict:
         """Rows of requests past their prompt (`slots`, oldest first): drafts, verifies and plain decodes."""
@@ -231,16 +251,16 @@ class Scheduler:
         draft_index = np.where(new, 0, table.draft_index[slots])
         cycle_start = np.where(new, start, table.cycle_start[slots])
         phase = np.full(len(slots), -1, np.int64)
+        sits_out = np.zeros(len(slots), bool)
         first = new & ((table.phase[slots] < 0) | (policy.mode == "phased"))
         if first.any():
-            num_drafts[first] = self._first_cycle_drafts(num_drafts[first])
-            phase[first] = (self.step_index + num_drafts[first]) % policy.cycle_length
+            num_drafts[first], sits_out[first], phase[first] = self._first_cycles(num_drafts[first])
         drafting = draft_index < num_drafts
         kind = np.where(drafting, RowKind.DRAFT, RowKind.VERIFY)
         return _plan(slots, kind, np.where(drafting, cycle_start + draft_index, cycle_start),
                      np.where(drafting, 1, num_drafts + 1), draft_index=draft_index, num_drafts=num_drafts,
                      cycle_start=cycle_start, sparse=drafting & table.has_sets[slots], refresh=~drafting,
-                     emits=~drafting, stalls=~drafting & (num_drafts > 0), phase=phase)
+                     emits=~drafting, stalls=~drafting & ((num_drafts > 0) | sits_out), phase=phase)
 
     def _reserve_decode_pages(self, rows: dict) -> dict:
         """Grant the decode rows' pages (a cycle's first row reserves the whole cycle), evicting the newest

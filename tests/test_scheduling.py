@@ -12,6 +12,7 @@ import pytest
 
 from conftest import generate
 import sparsespec_jax.engine as engine_module
+from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
@@ -57,6 +58,20 @@ def test_unified_batches_stay_flat_while_phased_ones_oscillate(tiny_params, smol
     assert max(phased) >= 12 and min(phased) == 0
     # Unified: about 1/(k+2) of the 16 requests verify at every step.
     assert max(unified) <= 6 and min(unified) >= 1, unified
+
+
+@pytest.mark.parametrize("sync_host", [False, True])
+def test_a_batch_admitted_at_once_verifies_evenly_in_every_phase(tiny_params, smollm2, sync_host):
+    """16 requests start decoding on the same step. Running ahead a cycle is k drafts, the verify and a step
+    sat out (k + 2 phases), and no first cycle with drafts can reach the phase k + 1 steps ahead: the
+    requests that decode one plain token first must be counted there, or that phase stays empty."""
+    engine = make(tiny_params, smollm2.tokenizer, sync_host=sync_host)
+    place_at_context(engine, 16, 64, 100, seed=0)
+    length = engine.scheduler.policy.cycle_length
+    for _ in range(3 * length):
+        engine.step()
+    verifies = [s.verify_rows for s in engine.metrics.steps[length:]]
+    assert min(verifies) >= 16 // length and max(verifies) <= -(-16 // length), verifies
 
 
 @pytest.mark.slow
