@@ -41,7 +41,7 @@ def test_bad_profiles_and_flags_are_named(tmp_path, capsys):
     with pytest.raises(ValueError, match="bad.jsonl:3: step record without field\\(s\\) tokens"):
         read_profile(bad)
     bad.write_text("not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: not JSON"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: invalid JSON"):
         read_profile(bad)
     bad.write_text('{"step": 0, "tokens": -1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: field 'tokens' must be an integer >= 0"):

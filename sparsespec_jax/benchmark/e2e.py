@@ -42,6 +42,7 @@ import numpy as np
 
 from sparsespec_jax.attention import resolve_backend
 from sparsespec_jax.benchmark import roofline
+from sparsespec_jax.benchmark.jsonl import read_jsonl
 from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.benchmark.timed_window import acceptance_summary, compile_split, time_window
@@ -319,13 +320,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"bench prompts: {path} is not a readable file")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+    for number, record in read_jsonl(path):
         prompt = record.get("prompt") if isinstance(record, dict) else None
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{path}:{number}: field 'prompt' must be a non-empty string")

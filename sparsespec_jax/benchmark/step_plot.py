@@ -7,10 +7,10 @@ cycles keep every step near B·(2k+1)/(k+1) tokens.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from sparsespec_jax.benchmark.jsonl import read_jsonl
 from sparsespec_jax.step_metrics import StepMetrics
 
 PLOTTED_FIELDS = ("step", "tokens")
@@ -20,20 +20,13 @@ def read_profile(path: Path) -> list[dict]:
     """The per-step records of a `--profile` JSONL file; a line that is not a step record raises ValueError
     naming the file, the line and what is wrong with it."""
     records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            missing = [name for name in PLOTTED_FIELDS if not isinstance(record, dict) or name not in record]
-            if missing:
-                raise ValueError(f"{path}:{number}: step record without field(s) {', '.join(missing)}")
-            if not isinstance(record["tokens"], int) or record["tokens"] < 0:
-                raise ValueError(f"{path}:{number}: field 'tokens' must be an integer >= 0, got {record['tokens']!r}")
-            records.append(record)
+    for number, record in read_jsonl(path):
+        missing = [name for name in PLOTTED_FIELDS if not isinstance(record, dict) or name not in record]
+        if missing:
+            raise ValueError(f"{path}:{number}: step record without field(s) {', '.join(missing)}")
+        if not isinstance(record["tokens"], int) or record["tokens"] < 0:
+            raise ValueError(f"{path}:{number}: field 'tokens' must be an integer >= 0, got {record['tokens']!r}")
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: no step records")
     return records
