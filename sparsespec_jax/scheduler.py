@@ -193,35 +193,36 @@ class Scheduler:
         phases = table.phase[table.active & (table.phase >= 0)]
         return np.bincount(phases, minlength=self.policy.cycle_length)
 
-    def _first_cycle_options(self, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A first cycle's ways to start now, most preferred first: (drafts, sits out, phase) per option.
-
-        With d drafts it verifies d steps from now. With none it decodes one plain token now and its next
-        cycle (k drafts) verifies k + 1 steps from now, or k + 1 + stall_steps if it sits out after that token
-        like after a verify. Together they reach every phase of the cycle; without the zero-draft starts a
-        batch admitted on one step would leave phases empty when running ahead (k + 2 phases, k + 1 starts)."""
+    def _first_cycle_phase(self, drafts: np.ndarray, sits_out: np.ndarray) -> np.ndarray:
+        """The phase (verify step modulo the cycle length) of a first cycle starting now. With d drafts it
+        verifies d steps from now. With none it decodes one plain token now and its next cycle (k drafts)
+        verifies k + 1 steps from now, or k + 1 + stall_steps if it sits out after that token as after a verify.
+        Running ahead a cycle spans k + 2 phases: the zero-draft starts reach the two that drafts cannot."""
         policy = self.policy
-        drafts = np.arange(limit, -1, -1)
-        sits_out = np.zeros(limit + 1, bool)
-        if policy.stall_steps:
-            drafts, sits_out = np.append(drafts, 0), np.append(sits_out, True)
         offset = np.where(drafts > 0, drafts, policy.k + 1 + sits_out * policy.stall_steps)
-        return drafts, sits_out, (self.step_index + offset) % policy.cycle_length
+        return (self.step_index + offset) % policy.cycle_length
 
     def _first_cycles(self, limit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(drafts, sits out, phase) of first cycles so that each verify lands in the chosen phase: the least
-        loaded one (unified), the last one of the cycle (phased)."""
-        length = self.policy.cycle_length
+        """(drafts, sits out, phase) of first cycles of at most `limit` drafts, so that each verify lands in the
+        chosen phase: the least loaded one (unified), the last one of the cycle (phased)."""
+        policy = self.policy
+        length = policy.cycle_length
+        if policy.mode == "phased":
+            wanted = (length - 1 - self.step_index) % length
+            drafts, sits_out = np.minimum(limit, wanted), np.zeros(len(limit), bool)
+            if wanted == (policy.k + 1) % length or (policy.stall_steps and wanted == 0):
+                drafts[:] = 0                                     # a plain token first, sitting out if wanted = 0
+                sits_out[:] = wanted == 0 and policy.stall_steps > 0
+            return drafts, sits_out, self._first_cycle_phase(drafts, sits_out)
         loads = self._phase_loads()
         chosen = np.zeros((3, len(limit)), np.int64)
         for i, lim in enumerate(limit):
-            drafts, sits_out, phases = self._first_cycle_options(int(lim))
-            if self.policy.mode == "phased":
-                matches = np.flatnonzero(phases == length - 1)
-                j = int(matches[0]) if len(matches) else 0          # else as many drafts as the request has
-            else:
-                j = int(np.argmin(loads[phases]))                    # first of the least loaded: preferred
-                loads[phases[j]] += 1
+            # Options, most preferred first: more drafts, then a plain token flowing on, then sitting out.
+            drafts = np.concatenate([np.arange(int(lim), -1, -1), np.zeros(int(policy.stall_steps > 0), np.int64)])
+            sits_out = np.arange(len(drafts)) > int(lim)
+            phases = self._first_cycle_phase(drafts, sits_out)
+            j = int(np.argmin(loads[phases]))                     # the first of the least loaded
+            loads[phases[j]] += 1
             chosen[:, i] = drafts[j], sits_out[j], phases[j]
         return chosen[0], chosen[1].astype(bool), chosen[2]
 
