@@ -38,7 +38,7 @@ def test_bad_profiles_and_flags_are_named(tmp_path, capsys):
     write_profile(good, [8, 8])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good.read_text() + '{"step": 2}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:3: step record without field\\(s\\) tokens"):
+    with pytest.raises(ValueError, match="bad.jsonl:3: step record without field 'tokens'"):
         read_profile(bad)
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: invalid JSON"):
