@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.paged_attention import (
     ragged_paged_attention, ragged_paged_attention_reference, ragged_paged_attention_tpu)
+from pallas_kernels.paged_attention.reference import owned_tokens
 from pallas_kernels.pillar_scores import pillar_scores_paged, pillar_scores_paged_reference, pillar_scores_paged_tpu
 from pallas_kernels.sparse_attention import (
     sparse_decode_attention, sparse_decode_attention_reference, sparse_decode_attention_tpu)
@@ -89,12 +90,28 @@ def _kernel(backend: str, gpu, tpu, reference, **static):
     return functools.partial(reference, **static)
 
 
-def paged_attention(backend: str, q, k_pool, v_pool, layer, meta: AttentionMetadata):
-    """Full causal attention of every row's queries over its paged context: (out [N, Hq, D], lse [N, Hq])."""
+def owned_full_tokens(meta: AttentionMetadata, num_tokens: int) -> jax.Array:
+    """Which of num_tokens full-row tokens some row of meta owns (bool [num_tokens]). The kernels mask the
+    others after each launch; a step computes this once for all its layers and passes it to every call."""
+    return owned_tokens(meta.q_start, meta.q_len, meta.max_q_len, num_tokens)
+
+
+def _with_owned(backend: str, kernel, args: tuple, in_specs: tuple, owned):
+    """Hand the kernels the step's precomputed owned-token mask as their last argument (shard_map passes
+    arrays positionally); the references write those tokens' zeros themselves and take none."""
+    if owned is None or backend == "reference":
+        return kernel, args, in_specs
+    return (lambda *arrays: kernel(*arrays[:-1], owned=arrays[-1])), args + (owned,), in_specs + (WHOLE,)
+
+
+def paged_attention(backend: str, q, k_pool, v_pool, layer, meta: AttentionMetadata, owned=None):
+    """Full causal attention of every row's queries over its paged context: (out [N, Hq, D], lse [N, Hq]).
+    owned: owned_full_tokens(meta, N) when the caller computed it once for many layers."""
     args = (q, k_pool, v_pool, layer, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
     kernel = _kernel(backend, ragged_paged_attention, ragged_paged_attention_tpu, ragged_paged_attention_reference,
                      page_size=meta.page_size, max_q_len=meta.max_q_len)
-    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL) + (WHOLE,) * 5, (HEADS, HEADS_2D))(*args)
+    kernel, args, in_specs = _with_owned(backend, kernel, args, (HEADS, POOL, POOL) + (WHOLE,) * 5, owned)
+    return per_device_heads(kernel, mesh_of(k_pool), in_specs, (HEADS, HEADS_2D))(*args)
 
 
 def sparse_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count):
@@ -137,13 +154,16 @@ def top_k_positions(backend: str, scores, k, max_k: int):
     return per_device_heads(kernel, mesh_of(scores), (HEADS, WHOLE), (HEADS, WHOLE))(scores, k)
 
 
-def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, meta: AttentionMetadata):
+def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, meta: AttentionMetadata,
+                      owned=None):
     """One step's attention for a mixed batch: the first slot_ids.shape[0] query tokens are sparse DRAFT rows
     (one token each, attending to their listed slots), the remaining tokens belong to the ragged full-attention
     rows of `meta` (verify, prefill and dense draft rows; meta.q_start counts from the first of them).
+    owned: owned_full_tokens(meta, full-row tokens) when the caller computed it once for many layers.
     Returns (out [N, Hq, D], lse [N, Hq])."""
     args = (q, k_pool, v_pool, layer, slot_ids, count, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
     kernel = _kernel(backend, unified_attention_kernel, unified_attention_tpu, unified_attention_reference,
                      page_size=meta.page_size, max_q_len=meta.max_q_len)   # either kernel: one launch for both kinds
-    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL, WHOLE, HEADS) + (WHOLE,) * 5,
-                            (HEADS, HEADS_2D))(*args)
+    kernel, args, in_specs = _with_owned(backend, kernel, args, (HEADS, POOL, POOL, WHOLE, HEADS) + (WHOLE,) * 5,
+                                         owned)
+    return per_device_heads(kernel, mesh_of(k_pool), in_specs, (HEADS, HEADS_2D))(*args)

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsespec_jax.attention import (paged_attention, pillar_scores, score_query_rows, sparse_attention,
-                                      unified_attention)
+from sparsespec_jax.attention import (owned_full_tokens, paged_attention, pillar_scores, score_query_rows,
+                                      sparse_attention, unified_attention)
 from sparsespec_jax.kv_cache import KVCache
 from sparsespec_jax.model import Transformer
 from sparsespec_jax.packed_args import PackedLayout, unpack
@@ -51,14 +51,15 @@ def _attend_fn(batch: UnifiedBatch, count, backend: str, score_tokens):
     num_sparse = batch.sparse.slot.shape[0]
     num_full = batch.meta.q_len.shape[0]
     meta = batch.meta
+    owned = owned_full_tokens(meta, batch.tokens.shape[0] - num_sparse) if num_full else None   # once, not per layer
 
     def attend(q, k_pool, v_pool, layer, slot_lists):
         if num_full == 0:
             return sparse_attention(backend, q, k_pool, v_pool, layer, slot_lists, count)[0], None
         if num_sparse == 0:
-            out, lse = paged_attention(backend, q, k_pool, v_pool, layer, meta)
+            out, lse = paged_attention(backend, q, k_pool, v_pool, layer, meta, owned)
         else:
-            out, lse = unified_attention(backend, q, k_pool, v_pool, layer, slot_lists, count, meta)
+            out, lse = unified_attention(backend, q, k_pool, v_pool, layer, slot_lists, count, meta, owned)
         if score_tokens is None:
             return out, None
         return out, (q[num_sparse:][score_tokens], lse[num_sparse:][score_tokens])

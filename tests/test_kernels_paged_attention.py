@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.paged_attention.reference import owned_tokens
 
 pytestmark = pytest.mark.quick_compiles
 
@@ -88,6 +89,14 @@ def test_matches_reference_bfloat16():
     (out, lse), (ref_out, ref_lse) = run_both(batch, page_size=16, max_q_len=9)
     assert_matches(out, ref_out, atol=2e-2, rtol=2e-2)
     assert_matches(lse, ref_lse, atol=2e-3, rtol=2e-3)
+
+
+def test_owned_mask_passed_in_gives_the_reference_result():
+    batch = make_paged_batch(13, [9, 1, 4], [9, 60, 20], num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
+    owned = owned_tokens(batch["q_start"], batch["q_len"], 9, batch["q"].shape[0])
+    (out, lse), (ref_out, ref_lse) = run_both(batch, page_size=16, max_q_len=9, owned=owned)
+    assert_matches(out, ref_out, atol=2e-5, rtol=2e-5)
+    assert_matches(lse, ref_lse, atol=2e-5, rtol=2e-5)
 
 
 def test_kv_split_count_does_not_change_the_result():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from test_kernels_paged_attention import INTERPRET, assert_matches, make_paged_batch
 
+from pallas_kernels.paged_attention.reference import owned_tokens
 from pallas_kernels.unified_attention import unified_attention, unified_attention_reference
 from pallas_kernels.unified_attention.triton_kernel import balanced_kv_splits
 
@@ -49,8 +50,9 @@ def run_both(batch, *, page_size, max_q_len, **kernel_options):
 
 CASES = {
     # name: (draft counts, full q_lens, full kv_lens, Hq, Hkv, head_dim, page_size, budget, max_q_len, options)
-    # verify k=8 rows, a dense draft row, an odd prefill chunk and a row of zero queries beside sparse drafts
-    "k8_g4_page16": ([40, 0, 1, 17, 33], [9, 1, 9, 13, 0], [9, 30, 77, 13, 5], 8, 2, 64, 16, 40, 13, {}),
+    # verify k=8 rows, a dense draft row, an odd prefill chunk and a row of zero queries beside sparse drafts;
+    # the first draft's count runs past its 40-entry list, which the kernel must clamp
+    "k8_g4_page16": ([47, 0, 1, 17, 33], [9, 1, 9, 13, 0], [9, 30, 77, 13, 5], 8, 2, 64, 16, 40, 13, {}),
     "k1_g3_page8_split": ([25, 3], [2, 2, 1, 7], [2, 41, 17, 60], 9, 3, 64, 8, 25, 7,
                           dict(kv_splits=3, draft_kv_splits=2)),
     "k8_g8_page16_two_query_tiles": ([50, 9, 2], [17, 9], [17, 66], 16, 2, 64, 16, 50, 17, {}),
@@ -80,6 +82,17 @@ def test_matches_reference_bfloat16():
     (out, lse), (ref_out, ref_lse) = run_both(batch, page_size=16, max_q_len=9)
     assert_matches(out, ref_out, atol=2e-2, rtol=2e-2)
     assert_matches(lse, ref_lse, atol=2e-3, rtol=2e-3)
+
+
+def test_owned_mask_passed_in_gives_the_reference_result():
+    # The engine computes the owned-token mask once per step and hands it to every layer's launch.
+    batch = make_mixed_batch(5, [30, 4], [9, 1, 0], [9, 40, 3], num_q_heads=8, num_kv_heads=2, head_dim=64,
+                             page_size=16, budget=30)
+    owned = owned_tokens(batch["q_start"], batch["q_len"], 9, batch["q"].shape[0] - 2)
+    assert not np.asarray(owned)[:2].any() and np.asarray(owned)[2:12].all()   # two unowned tokens lead
+    (out, lse), (ref_out, ref_lse) = run_both(batch, page_size=16, max_q_len=9, owned=owned)
+    assert_matches(out, ref_out, atol=2e-5, rtol=2e-5)
+    assert_matches(lse, ref_lse, atol=2e-5, rtol=2e-5)
 
 
 def test_splits_balance_kv_positions_per_program():

@@ -23,9 +23,10 @@ pytestmark = pytest.mark.quick_compiles
 
 CASES = {
     # name: (draft counts, full q_lens, full kv_lens, Hq, Hkv, head_dim, page_size, budget, max_q_len, options)
-    # k=8 verify rows (9 queries), a decode row, a 2-token chunk; a draft with 0 live entries, one with 1; the
-    # 20-entry budget and 45-position context are not multiples of the 16-position block
-    "k8_g4_page16_d64": ([20, 0, 1, 9], [9, 1, 9, 2], [9, 30, 45, 20], 8, 2, 64, 16, 20, 9,
+    # k=8 verify rows (9 queries), a decode row, a 2-token chunk; a draft with 0 live entries, one with 1, one
+    # whose count runs past its list; the 20-entry budget and 45-position context are not multiples of the
+    # 16-position block
+    "k8_g4_page16_d64": ([20, 0, 1, 26], [9, 1, 9, 2], [9, 30, 45, 20], 8, 2, 64, 16, 20, 9,
                          dict(pages_per_block=1)),
     # k=1 verify rows (2 queries) and a length-1 row, G=8 on one KV head, both kinds split over the KV range
     "k1_g8_page8_d128_splits": ([19, 3, 0], [2, 2, 1], [2, 41, 17], 8, 1, 128, 8, 19, 2,

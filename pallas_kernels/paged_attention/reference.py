@@ -32,6 +32,14 @@ def row_query_tokens(q_start: jax.Array, q_len: jax.Array, max_q_len: int):
     return tokens, valid
 
 
+def owned_tokens(q_start: jax.Array, q_len: jax.Array, max_q_len: int, num_tokens: int) -> jax.Array:
+    """Whether some row owns each of num_tokens tokens: bool [num_tokens]. The kernels never write tokens no row
+    owns and mask them with this after the launch; it depends on the rows alone, so a caller that runs every
+    layer over the same rows computes it once and passes it in (XLA does not hoist the scatter out of a loop)."""
+    tokens, valid = row_query_tokens(q_start, q_len, max_q_len)
+    return jnp.zeros((num_tokens,), bool).at[jnp.where(valid, tokens, num_tokens)].set(True, mode="drop")
+
+
 def row_logits(q, k_pool, layer, q_start, q_len, kv_len, page_tables, *, page_size: int, max_q_len: int,
                scale: float | None):
     """Scaled q.k of every (row, KV head, group head, query, key position), float32 [R, Hkv, G, T, S], with

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.paged_attention.reference import row_query_tokens
+from pallas_kernels.paged_attention.reference import owned_tokens
 from pallas_kernels.paged_attention.triton_kernel import choose_kv_splits, merge_kv_splits
 from pallas_kernels.pool_checks import check_queries_against_pool
 
@@ -212,13 +212,15 @@ def _ragged_paged_attention_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref
 def ragged_paged_attention_tpu(q, k_pool, v_pool, layer, q_start, q_len, kv_len, page_tables, *,
                                page_size: int, max_q_len: int, scale: float | None = None,
                                pages_per_block: int | None = None, kv_splits: int | None = None,
-                               interpret=False):
+                               owned: jax.Array | None = None, interpret=False):
     """Ragged paged attention over the whole pool; returns (out f32[N, Hq, D], lse f32[N, Hq]).
 
     pages_per_block: pages per double-buffered KV block (None: enough for 128 positions, one lane-dense
     logits tile); kv_splits: KV ranges per (row, head, query tile) merged afterwards (None: only when the
     grid would have fewer than MIN_GRID_STEPS steps). interpret: False on a TPU, True or a
     `pltpu.InterpretParams` to run the TPU interpreter elsewhere.
+    owned: `owned_tokens` of the rows, from a caller running many layers over the same rows (None: computed
+    here).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = check_queries_against_pool(q, k_pool, v_pool)
@@ -283,6 +285,5 @@ def ragged_paged_attention_tpu(q, k_pool, v_pool, layer, q_start, q_len, kv_len,
     out, lse = merge_kv_splits(out_parts.reshape(kv_splits, num_tokens, num_q_heads, head_dim),
                                lse_parts[..., 0].reshape(kv_splits, num_tokens, num_q_heads))
     # Tokens no row owns were never written: give them the reference's zeros / -inf.
-    tokens, valid = row_query_tokens(q_start, q_len, max_q_len)
-    owned = jnp.zeros((num_tokens,), bool).at[jnp.where(valid, tokens, num_tokens)].set(True, mode="drop")
+    owned = owned_tokens(q_start, q_len, max_q_len, num_tokens) if owned is None else owned
     return jnp.where(owned[:, None, None], out, 0.0), jnp.where(owned[:, None], lse, -jnp.inf)

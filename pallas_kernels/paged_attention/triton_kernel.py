@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_attention.reference import row_query_tokens
+from pallas_kernels.paged_attention.reference import owned_tokens
 from pallas_kernels.pool_checks import check_queries_against_pool
 
 LOG2_E = math.log2(math.e)
@@ -141,13 +141,16 @@ def _ragged_paged_attention_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref
 def ragged_paged_attention(q, k_pool, v_pool, layer, q_start, q_len, kv_len, page_tables, *,
                            page_size: int, max_q_len: int, scale: float | None = None,
                            block_kv: int | None = None, kv_splits: int | None = None,
-                           num_warps: int = 4, num_stages: int | None = None, interpret: bool = False):
+                           num_warps: int = 4, num_stages: int | None = None, owned: jax.Array | None = None,
+                           interpret: bool = False):
     """Ragged paged attention over the whole pool; returns (out f32[N, Hq, D], lse f32[N, Hq]).
 
     block_kv: KV positions per inner step (power of 2, >= 16); kv_splits: KV ranges per (row, head, tile)
     merged afterwards; num_stages: software-pipeline depth of the K/V loads. None picks what measured
     fastest on an H200 (bench/results/kernels_h200.md): short steps with deep pipelines for wide query
     tiles (verify, prefill), longer steps for decode tiles, and splits only when rows are too few.
+    owned: `owned_tokens` of the rows, from a caller running many layers over the same rows (None: computed
+    here).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = check_queries_against_pool(q, k_pool, v_pool)
@@ -194,8 +197,7 @@ def ragged_paged_attention(q, k_pool, v_pool, layer, q_start, q_len, kv_len, pag
 
     out, lse = merge_kv_splits(out_parts, lse_parts)
     # Tokens no row owns were never written: give them the reference's zeros / -inf.
-    tokens, valid = row_query_tokens(q_start, q_len, max_q_len)
-    owned = jnp.zeros((num_tokens,), bool).at[jnp.where(valid, tokens, num_tokens)].set(True, mode="drop")
+    owned = owned_tokens(q_start, q_len, max_q_len, num_tokens) if owned is None else owned
     out = jnp.where(owned[:, None, None], out, 0.0)
     lse = jnp.where(owned[:, None], lse, -jnp.inf)
     return out, lse

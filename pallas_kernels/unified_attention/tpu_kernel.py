@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.paged_attention.reference import row_query_tokens
+from pallas_kernels.paged_attention.reference import owned_tokens
 from pallas_kernels.paged_attention.tpu_kernel import (
     LANES, MAX_TILE_ROWS, MIN_GRID_STEPS, SUBLANES, check_head_dim, finish_softmax, init_softmax, interpret_params,
     online_softmax_step, page_dma_block, round_up, token_dmas)
@@ -231,7 +231,7 @@ def _draft_tile(item, layer, drafts, hbm, scratch: _Scratch, *, num_kv_heads, kv
     q_hbm, k_hbm, v_hbm, out_hbm, lse_hbm = hbm
     row, split, kv_head = _digits(item, (kv_splits, num_kv_heads))
     split_start = split * blocks_per_split * block_kv
-    split_end = jnp.minimum(count_ref[row], split_start + blocks_per_split * block_kv)   # count <= list_len
+    split_end = jnp.minimum(jnp.minimum(count_ref[row], list_len), split_start + blocks_per_split * block_kv)
     num_blocks = jnp.maximum(0, pl.cdiv(split_end - split_start, block_kv))
     start_block, wait_block = _slot_dma_block(
         slot_ref, (row * num_kv_heads + kv_head) * list_len, (k_hbm.at[layer, kv_head], v_hbm.at[layer, kv_head]),
@@ -318,7 +318,7 @@ def _nonempty(values):
 def unified_attention_tpu(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len, kv_len, page_tables, *,
                           page_size: int, max_q_len: int, scale: float | None = None,
                           pages_per_block: int | None = None, kv_splits: int | None = None,
-                          draft_kv_splits: int | None = None, interpret=False):
+                          draft_kv_splits: int | None = None, owned: jax.Array | None = None, interpret=False):
     """Draft and full-attention rows of one step in one launch; returns (out f32[N, Hq, D], lse f32[N, Hq]).
 
     pages_per_block: pages per double-buffered KV block of a full tile, whose size (pages_per_block *
@@ -326,6 +326,8 @@ def unified_attention_tpu(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_
     128 positions, one lane-dense logits tile); kv_splits / draft_kv_splits: KV ranges per full / draft tile,
     merged afterwards (None: `balanced_kv_splits` towards MIN_GRID_STEPS items). interpret: False on a TPU,
     True or a `pltpu.InterpretParams` to run the TPU interpreter elsewhere.
+    owned: `owned_tokens` of the rows, from a caller running many layers over the same rows (None: computed
+    here).
     """
     _check_inputs(q, k_pool, v_pool, slot_ids, count, q_start, q_len, kv_len, page_tables, page_size=page_size,
                   max_q_len=max_q_len)
@@ -385,7 +387,7 @@ def unified_attention_tpu(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=interpret_params(interpret),
         name="unified_attention_tpu",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), _nonempty(jnp.clip(count, 0, list_len)), _nonempty(slot_ids),
+    )(jnp.asarray(layer, jnp.int32).reshape(1), _nonempty(count), _nonempty(slot_ids),
       _nonempty(q_start), _nonempty(q_len), _nonempty(kv_len), _nonempty(page_tables),
       q.reshape(num_tokens, num_kv_heads, group, head_dim), k_pool, v_pool)
 
@@ -396,8 +398,7 @@ def unified_attention_tpu(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_
     draft_out, draft_lse = merged(draft_out, draft_lse, draft_splits, num_drafts)
     full_out, full_lse = merged(full_out, full_lse, full_splits, num_full_tokens)
     # Full-row tokens that no row owns were never written: give them the reference's zeros / -inf.
-    tokens, valid = row_query_tokens(q_start, q_len, max_q_len)
-    owned = jnp.zeros((num_full_tokens,), bool).at[jnp.where(valid, tokens, num_full_tokens)].set(True, mode="drop")
+    owned = owned_tokens(q_start, q_len, max_q_len, num_full_tokens) if owned is None else owned
     full_out = jnp.where(owned[:, None, None], full_out, 0.0)
     full_lse = jnp.where(owned[:, None], full_lse, -jnp.inf)
     return jnp.concatenate([draft_out, full_out]), jnp.concatenate([draft_lse, full_lse])

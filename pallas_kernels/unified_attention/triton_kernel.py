@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_attention.reference import row_query_tokens
+from pallas_kernels.paged_attention.reference import owned_tokens
 from pallas_kernels.paged_attention.triton_kernel import (
     LOG2_E, MAX_QUERY_ROWS, MIN_DOT_ROWS, STREAMING_PROGRAMS, WIDE_TILE_ROWS, finish_softmax, gather_page_slots,
     merge_kv_splits, next_power_of_2, online_softmax_update)
@@ -114,7 +114,7 @@ def _full_row_tile(program, layer, refs, *, num_drafts, num_kv_heads, group, que
 
 
 def _draft_row_tile(program, layer, refs, *, num_kv_heads, group, tile_rows, kv_splits, blocks_per_split, block_kv,
-                    list_len, logit_scale2):
+                    list_len, max_count, logit_scale2):
     """One (draft row, KV head, KV split): the group's query heads over that head's listed slots."""
     count_ref, slot_ref, q_ref, k_ref, v_ref, out_ref, lse_ref = refs
     split = program % kv_splits
@@ -126,7 +126,7 @@ def _draft_row_tile(program, layer, refs, *, num_kv_heads, group, tile_rows, kv_
     head = kv_head * group + jnp.minimum(tile_row, group - 1)
     queries = q_ref[row, head, :]                                  # draft tokens lead the step's tokens
     chunk_start = split * blocks_per_split * block_kv
-    chunk_end = jnp.minimum(count_ref[row], chunk_start + blocks_per_split * block_kv)   # count <= list_len
+    chunk_end = jnp.minimum(jnp.minimum(count_ref[row], max_count), chunk_start + blocks_per_split * block_kv)
 
     def load_block(block):
         entries = chunk_start + block * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
@@ -189,7 +189,8 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
                       page_size: int, max_q_len: int, scale: float | None = None, block_kv: int | None = None,
                       draft_block_kv: int = DRAFT_BLOCK_KV, kv_splits: int | None = None,
                       draft_kv_splits: int | None = None, target_programs: int = STREAMING_PROGRAMS,
-                      num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+                      num_warps: int = 4, num_stages: int = 3, owned: jax.Array | None = None,
+                      interpret: bool = False):
     """Draft and full-attention rows of one step in one launch; returns (out f32[N, Hq, D], lse f32[N, Hq]).
 
     block_kv / draft_block_kv: KV positions / listed slots per inner step (powers of 2, >= 16); kv_splits /
@@ -197,6 +198,8 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
     target_programs); num_stages: software-pipeline depth of the K/V loads. block_kv defaults to the ragged
     paged kernel's choice for the full rows' tile shape and target_programs to its program count; with
     num_stages 3 they measured fastest for mixed k = 8 steps on an H200 (bench/kernels.py, section "mixed").
+    owned: `owned_tokens` of the rows, from a caller running many layers over the same rows (None: computed
+    here).
     """
     _check_inputs(q, k_pool, v_pool, slot_ids, count, (q_start, q_len, kv_len, page_tables), page_size=page_size,
                   max_q_len=max_q_len)
@@ -229,7 +232,8 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
                        page_size=page_size, num_pages=num_pages, max_q_len=max_q_len, logit_scale2=scale * LOG2_E)
     draft_tiling = dict(num_kv_heads=num_kv_heads, group=group, tile_rows=max(MIN_DOT_ROWS, next_power_of_2(group)),
                         kv_splits=draft_splits, blocks_per_split=-(-draft_blocks // draft_splits),
-                        block_kv=draft_block_kv, list_len=max(1, list_len), logit_scale2=scale * LOG2_E)
+                        block_kv=draft_block_kv, list_len=max(1, list_len), max_count=list_len,
+                        logit_scale2=scale * LOG2_E)
     num_full_programs = full_tiles * full_splits
     num_programs = num_full_programs + draft_tiles * draft_splits
 
@@ -237,8 +241,7 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
         return (jax.ShapeDtypeStruct((splits, max(1, tokens), num_q_heads, head_dim), jnp.float32),
                 jax.ShapeDtypeStruct((splits, max(1, tokens), num_q_heads), jnp.float32))
 
-    # A row's live slot-list entries never exceed the list, so the kernel clamps only the entry index.
-    count = jnp.minimum(count.astype(jnp.int32), list_len)
+    # Counts are clamped to the list in the kernel: a clamp here would be one more launch per layer.
     row_inputs = [_nonempty(x.astype(jnp.int32), 0) for x in (count, q_start, q_len, kv_len)]
     kernel = functools.partial(_unified_attention_kernel, num_full_programs=num_full_programs,
                                full_tiling=full_tiling, draft_tiling=draft_tiling)
@@ -257,8 +260,7 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
     draft_out, draft_lse = merge_kv_splits(draft_out[:, :num_drafts], draft_lse[:, :num_drafts])
     full_out, full_lse = merge_kv_splits(full_out[:, :num_full_tokens], full_lse[:, :num_full_tokens])
     # Full-row tokens that no row owns were never written: give them the reference's zeros / -inf.
-    tokens, valid = row_query_tokens(q_start, q_len, max_q_len)
-    owned = jnp.zeros((num_full_tokens,), bool).at[jnp.where(valid, tokens, num_full_tokens)].set(True, mode="drop")
+    owned = owned_tokens(q_start, q_len, max_q_len, num_full_tokens) if owned is None else owned
     full_out = jnp.where(owned[:, None, None], full_out, 0.0)
     full_lse = jnp.where(owned[:, None], full_lse, -jnp.inf)
     return jnp.concatenate([draft_out, full_out]), jnp.concatenate([draft_lse, full_lse])
