@@ -17,7 +17,7 @@ from flax import nnx
 
 from sparsespec_jax.config import ModelConfig, param_shapes, validate_params
 from sparsespec_jax.kv_cache import KVCache
-from sparsespec_jax.rope import apply_rope, inverse_frequencies
+from sparsespec_jax.rope import apply_rope, inverse_frequencies, rotations
 from sparsespec_jax.sharding import TP_AXIS, constrain, gathered_logits, mesh_of
 
 LAYER_PREFIX = "layers."
@@ -110,7 +110,7 @@ class Transformer(nnx.Module):
         n = tokens.shape[0]
         hkv, dh = cfg.num_kv_heads, cfg.head_dim
         group = cfg.num_heads // hkv
-        inv_freq = jnp.asarray(inverse_frequencies(cfg), jnp.float32)
+        cos, sin = rotations(positions, jnp.asarray(inverse_frequencies(cfg), jnp.float32))
         x = self.embed[...][tokens]
 
         def layer(carry, xs):
@@ -125,8 +125,8 @@ class Transformer(nnx.Module):
             if cfg.qk_norm:
                 q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
                 k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
             k_pool = k_pool.at[layer_index, :, write_slots].set(k.astype(k_pool.dtype))
             v_pool = v_pool.at[layer_index, :, write_slots].set(v.astype(v_pool.dtype))
             attn, outputs = attend(q, k_pool, v_pool, layer_index, inputs)

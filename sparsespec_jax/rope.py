@@ -28,11 +28,15 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
                     np.where(wavelen < high_wavelen, inv_freq, interpolated))
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
-    """Rotate x [N, H, D] by its token positions [N]; computed in float32."""
+def rotations(positions: jnp.ndarray, inv_freq: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos and sin of every token's angles, float32 [N, 1, D/2]. They depend on the positions alone: the model
+    computes them once per pass, since XLA would recompute them in every iteration of the layer loop."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]          # [N, D/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate x [N, H, D] by its tokens' `rotations`; computed in float32."""
     xf = x.astype(jnp.float32)
     first, second = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
