@@ -4,7 +4,8 @@ Row kinds: PREFILL (a prompt chunk, or a preempted request's recomputed prefix),
 VERIFY (the newest token plus the cycle's drafts; without drafts it is a plain decode). A speculative request
 cycles through k DRAFT rows and one VERIFY row. After a verify with drafts the request sits out (STALL) until
 the host has read how many tokens were accepted (a first cycle may sit out after a plain token too, to reach
-its phase); everything else advances deterministically, so the host can plan a step before it knows the
+its phase), and for its whole stall step even when the host reads the result early (a step that waits for the
+device before evicting), which would otherwise move its verifies onto the next phase's; everything else advances deterministically, so the host can plan a step before it knows the
 previous step's tokens.
 
 Decoding requests are planned with array operations over the slot table (slot_table.py); only prompt chunks,
@@ -301,7 +302,11 @@ class Scheduler:
         needs every running request's state known to the host: callers settle pending results first when
         pages_short()."""
         table = self.table
-        active = np.flatnonzero(table.active & ~table.awaiting)
+        ready = table.active & ~table.awaiting
+        sitting_out = ready & (table.resume_step > self.step_index)
+        if sitting_out.any() and (ready & ~sitting_out).any():    # alone, sitting out would only idle the device
+            ready &= ~sitting_out
+        active = np.flatnonzero(ready)
         active = active[np.argsort(table.admitted[active])]
         prefilling = table.prefilling(active)
         decoding = active[~prefilling & (table.cap[active] > table.total[active])]
@@ -384,5 +389,6 @@ class Scheduler:
         table.total[slot[flowing]] += 1
         table.computed[slot[flowing & verify]] += 1
         table.awaiting[slot] = plan.stalls
+        table.resume_step[slot[plan.stalls]] = self.step_index + 1 + self.policy.stall_steps
         table.window_ready[slot[plan.emits]] = True
         self.step_index += 1

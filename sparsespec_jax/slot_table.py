@@ -35,6 +35,7 @@ class SlotTable:
         self.cap = np.zeros(num_slots, np.int64)          # most tokens the request may reach (max_tokens, context)
         self.pending = np.zeros(num_slots, np.int64)      # sampled tokens not read yet (outside stalled verifies)
         self.awaiting = np.zeros(num_slots, bool)         # a verify with drafts is in flight
+        self.resume_step = np.zeros(num_slots, np.int64)  # first step after the one it sits out
         self.draft_index = np.full(num_slots, -1, np.int64)   # next draft step of the cycle; -1 between cycles
         self.cycle_start = np.zeros(num_slots, np.int64)  # position of the cycle's newest committed token
         self.cycle_drafts = np.zeros(num_slots, np.int64)
@@ -70,6 +71,7 @@ class SlotTable:
         self.cap[slot] = cap
         self.pending[slot] = 0
         self.awaiting[slot] = False
+        self.resume_step[slot] = 0
         self.draft_index[slot] = -1
         self.cycle_drafts[slot] = 0
         self.phase[slot] = -1

@@ -74,6 +74,20 @@ def test_a_batch_admitted_at_once_verifies_evenly_in_every_phase(tiny_params, sm
     assert min(verifies) >= 16 // length and max(verifies) <= -(-16 // length), verifies
 
 
+def test_a_verify_read_early_still_sits_out_its_step(tiny_params, smollm2):
+    """Running ahead, the step that evicts waits for the step in flight first, which reads that step's verifies
+    a step early. Those requests must still sit out their stall step: starting their next cycle at once would
+    move their verifies onto the next phase's, one step verifying two phases' requests and the next none."""
+    engine = make(tiny_params, smollm2.tokenizer, kv_cache_tokens=16 * 76, host_kv_tokens=4096)
+    place_at_context(engine, 16, 64, 100, seed=0, reserve=0)      # pages run short within three cycles
+    length = engine.scheduler.policy.cycle_length
+    for _ in range(8 * length):
+        engine.step()
+    assert engine.scheduler.num_offloads > 0
+    verifies = [s.verify_rows for s in engine.metrics.steps[length:]]
+    assert min(verifies) >= 16 // length - 1 and max(verifies) <= -(-16 // length), verifies
+
+
 @pytest.mark.slow
 def test_finishing_offloading_and_restoring_in_one_step_loses_nothing(tiny_params, smollm2):
     ids = prompts(32, seed=1)
