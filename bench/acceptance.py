@@ -1,8 +1,9 @@
 """Draft acceptance on the real SmolLM2-135M-Instruct: pillar vs streaming vs ngram, over k and budget ratio.
 
 64 chat-templated reasoning-gym prompts (bench/data), 2048 new tokens each with ignore_eos, one batch.
-Reports mean accepted drafts per verification (acceptance_mean), emitted tokens per round and wall time,
-writes bench/results/<name>.{json,md} and a PNG plot (acceptance vs k, acceptance vs s).
+Reports mean accepted drafts per verification (acceptance_mean), emitted tokens per round (a verify, or a
+plain decode of a row without drafts) and wall time, writes bench/results/<name>.{json,md} and a PNG plot
+(acceptance vs k, acceptance vs s).
 Configurations run in the order listed; `--time-budget` stops launching new ones (the report says which ran).
 
   python bench/acceptance.py --model PATH --name acceptance_h200
@@ -46,14 +47,15 @@ def run_config(loaded, prompts, method, k, ratio, temperature, args) -> dict:
     wall = time.perf_counter() - started
     accepted = sum(r.stats.accepted_tokens for r in requests)
     verifies = sum(r.stats.verifies for r in requests)
+    decodes = sum(r.stats.decodes for r in requests)
     drafted = sum(r.stats.drafted_tokens for r in requests)
     tokens = sum(len(r.output_ids) for r in requests)
     return {"method": method, "k": k, "budget_ratio": ratio, "temperature": temperature,
             "min_budget": args.min_budget, "prompts": len(prompts), "new_tokens": args.new_tokens,
             "attention_backend": engine.backend,
             "acceptance_mean": accepted / verifies, "accept_rate": accepted / drafted if drafted else 0.0,
-            "tokens_per_round": tokens / verifies, "verifies": verifies, "output_tokens": tokens,
-            "wall_s": wall}
+            "tokens_per_round": tokens / (verifies + decodes), "verifies": verifies, "decodes": decodes,
+            "output_tokens": tokens, "wall_s": wall}
 
 
 def plot(results: list[dict], path) -> None:

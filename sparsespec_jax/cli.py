@@ -231,6 +231,7 @@ def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
     drafted = sum(o.stats.drafted_tokens for o in outputs)
     accepted = sum(o.stats.accepted_tokens for o in outputs)
     verifies = sum(o.stats.verifies for o in outputs)
+    decodes = sum(o.stats.decodes for o in outputs)
     return {
         "model": llm.model_name, "draft": llm.engine.spec.method, "requests": len(outputs), "errors": errors,
         "output_tokens": output_tokens, "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
@@ -238,7 +239,7 @@ def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
         "load_s": round(llm.load_seconds, 3), "steps": llm.engine.num_steps,
         "preemptions": llm.engine.scheduler.num_preemptions, "kv_offloads": llm.engine.scheduler.num_offloads,
         "kv_restores": llm.engine.num_restores, "peak_host_kv_tokens": llm.engine.host_kv.peak_tokens,
-        "drafted_tokens": drafted, "accepted_tokens": accepted, "verifies": verifies,
+        "drafted_tokens": drafted, "accepted_tokens": accepted, "verifies": verifies, "decodes": decodes,
         "acceptance_mean": round(accepted / verifies, 4) if verifies else None,
         "tokens_per_step": round(output_tokens / llm.engine.num_steps, 3) if llm.engine.num_steps else None,
         "step_metrics": llm.engine.metrics.summary(),

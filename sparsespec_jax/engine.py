@@ -176,7 +176,7 @@ class Engine:
         self.table = self.scheduler.table
         self.metrics = StepLog()
         self.num_restores = 0
-        self.acceptance_counts = np.zeros(k + 1, np.int64)   # verifies by number of drafts accepted
+        self.acceptance_counts = np.zeros(k + 1, np.int64)   # verifies (rows with drafts) by drafts accepted
         self._in_flight: _InFlight | None = None
         # Per iteration: seconds blocked on results, tokens read, seconds inside the jitted call.
         self._waited, self._taken, self._dispatch_s = 0.0, 0, 0.0
@@ -336,15 +336,18 @@ class Engine:
         table.total[slots[stalled]] += emitted[stalled]
         table.pending[slots[flowing]] -= 1
         requests, now = table.requests, time.perf_counter()
-        if self.spec.speculative:
-            verified = np.flatnonzero(valid & (plan.kind[rows] == RowKind.VERIFY))
-            self.acceptance_counts += np.bincount(emitted[verified] - 1, minlength=len(self.acceptance_counts))
-            for slot, drafts, count in zip(slots[verified].tolist(), plan.num_drafts[rows[verified]].tolist(),
-                                           emitted[verified].tolist()):
-                stats = requests[slot].stats
-                stats.verifies += 1
-                stats.drafted_tokens += drafts
-                stats.accepted_tokens += count - 1
+        # A VERIFY row without drafts verified nothing: it is a plain decode and must not dilute acceptance.
+        verify_or_decode = valid & (plan.kind[rows] == RowKind.VERIFY)
+        num_drafts = plan.num_drafts[rows]
+        verified = np.flatnonzero(verify_or_decode & (num_drafts > 0))
+        self.acceptance_counts += np.bincount(emitted[verified] - 1, minlength=len(self.acceptance_counts))
+        for slot, drafts, count in zip(slots[verified].tolist(), num_drafts[verified].tolist(),
+                                       emitted[verified].tolist()):
+            stats = requests[slot].stats
+            stats.verifies += 1
+            stats.drafted_tokens += drafts
+            stats.accepted_tokens += count - 1
+        table.decodes[slots[verify_or_decode & (num_drafts == 0)]] += 1     # slots differ: one row each
         self._taken += int(emitted[valid].sum())
         read = np.arange(tokens.shape[1]) < emitted[:, None]
         stop_hit = ((tokens[:, :, None] == table.stop_tokens[slots][:, None, :]).any(2) & read).any(1)

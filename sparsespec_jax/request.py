@@ -29,7 +29,8 @@ class RequestStats:
     offloads: int = 0              # times its KV went to host memory and came back
     drafted_tokens: int = 0        # speculative drafts proposed
     accepted_tokens: int = 0       # drafts accepted by verification
-    verifies: int = 0
+    verifies: int = 0              # rows that verified at least one draft (each emits accepted + 1 tokens)
+    decodes: int = 0               # tokens of rows without drafts (plain decoding), counted when it leaves a slot
 
     @property
     def acceptance_mean(self) -> float | None:

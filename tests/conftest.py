@@ -19,6 +19,7 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG
 import pytest  # noqa: E402
 
 from sparsespec_jax.engine import Engine, EngineConfig  # noqa: E402
+from sparsespec_jax.request import Request  # noqa: E402
 from sparsespec_jax.spec.config import SpecConfig  # noqa: E402
 from sparsespec_jax.xla_flags import quick_compiles  # noqa: E402
 
@@ -56,12 +57,25 @@ def quick_compiles_where_marked(request):
         yield
 
 
-def generate(engine: Engine, prompts_ids, params) -> list[list[int]]:
-    """Run prompts (token id lists) through an engine; return each request's output token ids in order."""
+def run_requests(engine: Engine, prompts_ids, params) -> list[Request]:
+    """Run prompts (token id lists) through an engine; return the finished requests in order."""
     params = params if isinstance(params, list) else [params] * len(prompts_ids)
     requests = [engine.add_request(ids, p, str(i)) for i, (ids, p) in enumerate(zip(prompts_ids, params))]
     engine.run()
-    return [request.output_ids for request in requests]
+    return requests
+
+
+def generate(engine: Engine, prompts_ids, params) -> list[list[int]]:
+    """Run prompts (token id lists) through an engine; return each request's output token ids in order."""
+    return [request.output_ids for request in run_requests(engine, prompts_ids, params)]
+
+
+def unaccounted_tokens(request: Request) -> int:
+    """Output tokens its stats leave unexplained: each verify emits its accepted drafts + 1, each plain decode
+    one and the prefill's last chunk the first. 0 unless it was recomputed after its first token (that
+    recompute's prefill emits one more) or a stop cut a verify's tokens short."""
+    stats = request.stats
+    return len(request.output_ids) - (stats.accepted_tokens + stats.verifies + stats.decodes + 1)
 
 
 def pytest_collection_modifyitems(items):

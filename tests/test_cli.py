@@ -51,6 +51,8 @@ def test_batch_isolates_bad_lines_and_resumes(tmp_path, capsys):
     assert "'prompt'" in records["f"]["error"]
     assert summary["requests"] == 3 and summary["errors"] == 4 and summary["output_tokens"] == 24
     assert summary["tokens_per_s"] > 0
+    # Vanilla verifies nothing: every token after each prefill's first is a plain decode.
+    assert summary["verifies"] == 0 and summary["acceptance_mean"] is None and summary["decodes"] == 24 - 3
 
     # A crash mid-write leaves a torn line; the rerun drops it and redoes only what is missing.
     lines = output.read_text().splitlines(keepends=True)

@@ -11,7 +11,7 @@ import collections
 import numpy as np
 import pytest
 
-from conftest import generate
+from conftest import generate, run_requests, unaccounted_tokens
 from sparsespec_jax.sampling import SamplingParams
 
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, counting each of the one hundred and "
@@ -54,8 +54,20 @@ def vanilla(make_engine, smollm2):
 def test_every_mode_reproduces_vanilla(method, mode, vanilla, make_engine):
     prompts, params, expected = vanilla
     engine = make_engine(method, **SPARSE, **{**ENGINE, **mode})
-    assert generate(engine, prompts, params) == expected
+    requests = run_requests(engine, prompts, params)
+    assert [r.output_ids for r in requests] == expected
     assert [len(out) for out in expected] == [p.max_tokens for p in params]
+    assert [unaccounted_tokens(r) for r in requests] == [0] * NUM_REQUESTS
+    assert_verifies_are_rows_with_drafts(engine, requests)
+
+
+def assert_verifies_are_rows_with_drafts(engine, requests) -> None:
+    """The acceptance histogram and the requests' verifies count the steps' rows with drafts, their decodes the
+    rows without: a row that verified nothing must not dilute the accepted drafts per verify."""
+    steps = engine.metrics.steps
+    verifies = sum(s.verify_rows for s in steps)
+    assert engine.acceptance_counts.sum() == sum(r.stats.verifies for r in requests) == verifies
+    assert sum(r.stats.decodes for r in requests) == sum(s.decode_rows for s in steps)
 
 
 @pytest.mark.slow
@@ -64,10 +76,13 @@ def test_ngram_reproduces_vanilla_and_rows_without_proposals_flow_on(vanilla, ma
     while its token is still on the device (the continuation's first token guesses it) verifies losslessly."""
     prompts, params, expected = vanilla
     engine = make_engine("ngram", **SPARSE, **ENGINE)
-    assert generate(engine, prompts, params) == expected
+    requests = run_requests(engine, prompts, params)
+    assert [r.output_ids for r in requests] == expected
     steps = engine.metrics.steps
     assert sum(s.decode_rows for s in steps) > 0 and sum(s.verify_rows for s in steps) > 0
     assert engine.acceptance_counts[1:].sum() > 0
+    assert [unaccounted_tokens(r) for r in requests] == [0] * NUM_REQUESTS
+    assert_verifies_are_rows_with_drafts(engine, requests)
 
 
 @pytest.mark.slow
@@ -85,6 +100,9 @@ def test_kv_pool_ten_times_too_small_offloads_and_restores(vanilla, make_engine)
     requests = [engine.add_request(ids, p, str(i)) for i, (ids, p) in enumerate(zip(prompts, params))]
     engine.run(on_finish=lambda request: finished.update([request.request_id]))
     assert [r.output_ids for r in requests] == expected
+    # Counts made in a slot outlive the request's trips to host memory and back.
+    assert [unaccounted_tokens(r) for r in requests] == [0] * NUM_REQUESTS
+    assert_verifies_are_rows_with_drafts(engine, requests)
     assert finished == collections.Counter(str(i) for i in range(NUM_REQUESTS))      # each exactly once
     assert engine.scheduler.num_offloads > 0 and engine.num_restores == engine.scheduler.num_offloads
     assert 0 < engine.host_kv.peak_tokens <= host_tokens
@@ -97,5 +115,8 @@ def test_without_host_pool_eviction_recomputes(vanilla, make_engine):
     tokens do not change."""
     prompts, params, expected = vanilla
     engine = make_engine("pillar", **SPARSE, **{**ENGINE, "kv_cache_tokens": 160, "host_kv_tokens": 0})
-    assert generate(engine, prompts[:12], params[:12]) == expected[:12]
+    requests = run_requests(engine, prompts[:12], params[:12])
+    assert [r.output_ids for r in requests] == expected[:12]
     assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_offloads == 0
+    # Each request here was preempted after its first token, so each recompute's prefill emitted one more.
+    assert [unaccounted_tokens(r) for r in requests] == [r.stats.preemptions for r in requests]

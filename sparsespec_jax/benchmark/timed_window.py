@@ -24,7 +24,8 @@ def compile_split(steps: list[StepMetrics]) -> tuple[list, list, float]:
 
 
 def acceptance_summary(counts: np.ndarray) -> dict:
-    """Histogram of verifies by drafts accepted (0..k), and the mean accepted per verify."""
+    """Histogram of verifies (rows that verified at least one draft) by drafts accepted (0..k), and the mean
+    accepted per verify."""
     counts = np.asarray(counts, np.int64)
     verifies = int(counts.sum())
     mean = float((np.arange(len(counts)) * counts).sum() / verifies) if verifies else 0.0
