@@ -5,8 +5,8 @@ VERIFY (the newest token plus the cycle's drafts; without drafts it is a plain d
 cycles through k DRAFT rows and one VERIFY row. After a verify with drafts the request sits out (STALL) until
 the host has read how many tokens were accepted (a first cycle may sit out after a plain token too, to reach
 its phase), and for its whole stall step even when the host reads the result early (a step that waits for the
-device before evicting), which would otherwise move its verifies onto the next phase's; everything else advances deterministically, so the host can plan a step before it knows the
-previous step's tokens.
+device before evicting), which would otherwise move its verifies onto the next phase's. Everything else
+advances deterministically, so the host can plan a step before it knows the previous step's tokens.
 
 Decoding requests are planned with array operations over the slot table (slot_table.py); only prompt chunks,
 host-made drafts, first cycles, admissions and evictions take a per-request path.
