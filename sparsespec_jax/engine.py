@@ -298,8 +298,7 @@ class Engine:
         elapsed = (time.perf_counter() - started) * 1e3
         compiled = self._compilations() > compilations
         counts = np.bincount(plan.kind, minlength=len(RowKind)) if plan is not None else np.zeros(len(RowKind))
-        verifies = int(np.count_nonzero((plan.kind == RowKind.VERIFY) & (plan.num_drafts > 0))) if plan is not None \
-            else 0
+        verifies = int(np.count_nonzero(plan.verifies)) if plan is not None else 0
         self.metrics.add(StepMetrics(
             step=self.num_steps, host_ms=elapsed - self._waited * 1e3, dispatch_ms=self._dispatch_s * 1e3,
             wait_ms=self._waited * 1e3,
@@ -338,8 +337,9 @@ class Engine:
         requests, now = table.requests, time.perf_counter()
         # A VERIFY row without drafts verified nothing: it is a plain decode and must not dilute acceptance.
         verify_or_decode = valid & (plan.kind[rows] == RowKind.VERIFY)
+        verifying = plan.verifies[rows]
         num_drafts = plan.num_drafts[rows]
-        verified = np.flatnonzero(verify_or_decode & (num_drafts > 0))
+        verified = np.flatnonzero(valid & verifying)
         self.acceptance_counts += np.bincount(emitted[verified] - 1, minlength=len(self.acceptance_counts))
         for slot, drafts, count in zip(slots[verified].tolist(), num_drafts[verified].tolist(),
                                        emitted[verified].tolist()):
@@ -347,7 +347,7 @@ class Engine:
             stats.verifies += 1
             stats.drafted_tokens += drafts
             stats.accepted_tokens += count - 1
-        table.decodes[slots[verify_or_decode & (num_drafts == 0)]] += 1     # slots differ: one row each
+        table.decodes[slots[verify_or_decode & ~verifying]] += 1     # slots differ: one row each
         self._taken += int(emitted[valid].sum())
         read = np.arange(tokens.shape[1]) < emitted[:, None]
         stop_hit = ((tokens[:, :, None] == table.stop_tokens[slots][:, None, :]).any(2) & read).any(1)

@@ -62,6 +62,11 @@ class StepPlan:
     prompt_tokens: dict[int, np.ndarray]   # slot of a PREFILL row -> its host-known input tokens
     proposals: np.ndarray | None  # int32 [R, k]: host-made drafts of VERIFY rows (n-gram), else None
 
+    @property
+    def verifies(self) -> np.ndarray:
+        """bool [R]: VERIFY rows with drafts to verify (the others are plain decodes)."""
+        return (self.kind == RowKind.VERIFY) & (self.num_drafts > 0)
+
 
 _FLAGS = frozenset(("sparse", "refresh", "emits", "stalls"))    # boolean row fields of a plan
 

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 from sparsespec_jax.benchmark.jsonl import read_jsonl
 from sparsespec_jax.step_metrics import StepMetrics
 
+
 def read_profile(path: Path) -> list[dict]:
     """The per-step records of a `--profile` JSONL file; a line that is not a step record raises ValueError
     naming the file, the line and what is wrong with it."""
