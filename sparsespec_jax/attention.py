@@ -114,10 +114,31 @@ def paged_attention(backend: str, q, k_pool, v_pool, layer, meta: AttentionMetad
     return per_device_heads(kernel, mesh_of(k_pool), in_specs, (HEADS, HEADS_2D))(*args)
 
 
+def _layer_lists(backend: str, kernel, slot_index: int):
+    """The kernel, taking slot lists stacked over layers ([L, R, Hkv, B]) as argument slot_index: the GPU
+    kernels index them by layer themselves, as they index the pools (so a layer loop takes no per-layer slice,
+    which costs a copy kernel per layer on a GPU); the others get this layer's lists."""
+    if backend == "pallas":
+        return kernel
+
+    def per_layer(*args, **kwargs):
+        args = list(args)
+        args[slot_index] = args[slot_index][args[3]]               # args[3]: the layer
+        return kernel(*args, **kwargs)
+    return per_layer
+
+
+def _list_spec(slot_ids) -> P:
+    return STACKED_HEADS if slot_ids.ndim == 4 else HEADS
+
+
 def sparse_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count):
-    """One query per row attending to its listed token slots: (out [R, Hq, D], lse [R, Hq])."""
+    """One query per row attending to its listed token slots: (out [R, Hq, D], lse [R, Hq]). slot_ids: this
+    layer's lists [R, Hkv, B], or every layer's [L, R, Hkv, B] (indexed by `layer`, like the pools)."""
     kernel = _kernel(backend, sparse_decode_attention, sparse_decode_attention_tpu, sparse_decode_attention_reference)
-    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL, WHOLE, HEADS, WHOLE),
+    if slot_ids.ndim == 4:
+        kernel = _layer_lists(backend, kernel, 4)
+    return per_device_heads(kernel, mesh_of(k_pool), (HEADS, POOL, POOL, WHOLE, _list_spec(slot_ids), WHOLE),
                             (HEADS, HEADS_2D))(q, k_pool, v_pool, layer, slot_ids, count)
 
 
@@ -156,14 +177,17 @@ def top_k_positions(backend: str, scores, k, max_k: int):
 
 def unified_attention(backend: str, q, k_pool, v_pool, layer, slot_ids, count, meta: AttentionMetadata,
                       owned=None):
-    """One step's attention for a mixed batch: the first slot_ids.shape[0] query tokens are sparse DRAFT rows
+    """One step's attention for a mixed batch: the first count.shape[0] query tokens are sparse DRAFT rows
     (one token each, attending to their listed slots), the remaining tokens belong to the ragged full-attention
     rows of `meta` (verify, prefill and dense draft rows; meta.q_start counts from the first of them).
-    owned: owned_full_tokens(meta, full-row tokens) when the caller computed it once for many layers.
-    Returns (out [N, Hq, D], lse [N, Hq])."""
+    slot_ids: the draft rows' lists for this layer [Dr, Hkv, B], or every layer's [L, Dr, Hkv, B] (indexed by
+    `layer`, like the pools). owned: owned_full_tokens(meta, full-row tokens) when the caller computed it once
+    for many layers. Returns (out [N, Hq, D], lse [N, Hq])."""
     args = (q, k_pool, v_pool, layer, slot_ids, count, meta.q_start, meta.q_len, meta.kv_len, meta.page_tables)
     kernel = _kernel(backend, unified_attention_kernel, unified_attention_tpu, unified_attention_reference,
                      page_size=meta.page_size, max_q_len=meta.max_q_len)   # either kernel: one launch for both kinds
-    kernel, args, in_specs = _with_owned(backend, kernel, args, (HEADS, POOL, POOL, WHOLE, HEADS) + (WHOLE,) * 5,
-                                         owned)
+    if slot_ids.ndim == 4:
+        kernel = _layer_lists(backend, kernel, 4)
+    kernel, args, in_specs = _with_owned(backend, kernel, args,
+                                         (HEADS, POOL, POOL, WHOLE, _list_spec(slot_ids)) + (WHOLE,) * 5, owned)
     return per_device_heads(kernel, mesh_of(k_pool), in_specs, (HEADS, HEADS_2D))(*args)

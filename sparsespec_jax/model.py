@@ -22,10 +22,14 @@ from sparsespec_jax.sharding import TP_AXIS, constrain, gathered_logits, mesh_of
 
 LAYER_PREFIX = "layers."
 
-# attend(q [N, Hq, D], k_pool, v_pool, layer, layer_inputs) -> (out [N, Hq, D], per-layer outputs pytree).
+# attend(q [N, Hq, D], k_pool, v_pool, layer) -> (out [N, Hq, D], per-layer outputs pytree).
 # Outputs should not read the pool: nothing would order that read before the next layer's in-place write,
-# and XLA would copy the whole pool to keep it.
-AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+# and XLA would copy the whole pool to keep it. Inputs the attention needs per layer are best captured whole
+# and indexed by `layer` where they are used (as the pools are): a per-layer slice taken in the loop costs a
+# copy kernel per layer on a GPU (see Transformer).
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+NORM_NAMES = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -36,18 +40,22 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def fuse_projections(cfg: ModelConfig, layers: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The stacked layer weights with wq/wk/wv fused into wqkv [L, D, Hkv, (G+2)*Dh] (per KV head: its G query
-    heads, its K head, its V head) and w_gate/w_up into w_gate_up [L, D, 2, F].
+    heads, its K head, its V head), w_gate/w_up into w_gate_up [L, D, 2, F], and the norm vectors (attn_norm,
+    mlp_norm, then q_norm and k_norm where present) laid end to end in norms [L, 2*D (+ 2*Dh)].
 
     Why: one GEMM per fused weight fills a GPU better at a few hundred tokens than two or three small ones, and
     left to itself XLA merges the q/k/v GEMMs anyway, by copying the three weights into one on every step
     (~0.8 ms of a Qwen3-8B step on an H200). Fused here, that step's kernels took 14.7 ms instead of 15.6.
     Grouping by KV head keeps each tensor-parallel device's query, key and value columns together, so the fused
     weight splits over KV heads the way the separate ones split over their heads.
+    The norms are packed because, in the layer loop on a GPU, each small per-layer slice became a copy kernel
+    of its own (with the dynamic-slice fusion of xla_flags.py): one vector per layer instead of two or four.
     """
     L, D = cfg.num_layers, cfg.hidden_size
     hkv, dh = cfg.num_kv_heads, cfg.head_dim
     group = cfg.num_heads // hkv
-    fused = {name: w for name, w in layers.items() if name not in ("wq", "wk", "wv", "w_gate", "w_up")}
+    fused = {name: w for name, w in layers.items()
+             if name not in ("wq", "wk", "wv", "w_gate", "w_up") + NORM_NAMES}
     wqkv = jnp.concatenate([layers["wq"].reshape(L, D, hkv, group * dh), layers["wk"].reshape(L, D, hkv, dh),
                             layers["wv"].reshape(L, D, hkv, dh)], axis=3)
     w_gate_up = jnp.stack([layers["w_gate"], layers["w_up"]], axis=2)
@@ -57,6 +65,7 @@ def fuse_projections(cfg: ModelConfig, layers: Mapping[str, jax.Array]) -> dict[
         intermediate_split = not _replicated(layers["w_gate"])      # replicated where F does not split evenly
         w_gate_up = constrain(w_gate_up, mesh, None, None, None, TP_AXIS if intermediate_split else None)
     fused["wqkv"], fused["w_gate_up"] = wqkv, w_gate_up
+    fused["norms"] = jnp.concatenate([layers[name] for name in NORM_NAMES if name in layers], axis=1)
     return fused
 
 
@@ -100,45 +109,45 @@ class Transformer(nnx.Module):
         return jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default")
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVCache, write_slots: jax.Array,
-                 attend: AttendFn, layer_inputs: Any = None):
+                 attend: AttendFn):
         """Run the flat token batch through all layers: (final hidden [N, D], kv, stacked per-layer outputs)."""
         with self.matmul_precision():
-            return self._forward(tokens, positions, kv, write_slots, attend, layer_inputs)
+            return self._forward(tokens, positions, kv, write_slots, attend)
 
-    def _forward(self, tokens, positions, kv: KVCache, write_slots, attend: AttendFn, layer_inputs):
+    def _forward(self, tokens, positions, kv: KVCache, write_slots, attend: AttendFn):
         cfg = self.cfg
         n = tokens.shape[0]
-        hkv, dh = cfg.num_kv_heads, cfg.head_dim
+        d, hkv, dh = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
         group = cfg.num_heads // hkv
         cos, sin = rotations(positions, jnp.asarray(inverse_frequencies(cfg), jnp.float32))
         x = self.embed[...][tokens]
 
-        def layer(carry, xs):
-            x, k_pool, v_pool = carry
-            w, layer_index, inputs = xs
-            h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+        # The layer index rides in the carry: taken from a stacked range, it too would be a per-layer copy.
+        def layer(carry, w):
+            x, k_pool, v_pool, layer_index = carry
+            norms = w["norms"]
+            h = rms_norm(x, norms[:d], cfg.rms_norm_eps)
             qkv = jnp.einsum("nd,dhe->nhe", h, w["wqkv"]).reshape(n, hkv, group + 2, dh)
             q, k, v = qkv[:, :, :group].reshape(n, cfg.num_heads, dh), qkv[:, :, group], qkv[:, :, group + 1]
             if cfg.attention_bias:
                 q = q + w["bq"].reshape(cfg.num_heads, dh)
                 k, v = k + w["bk"].reshape(hkv, dh), v + w["bv"].reshape(hkv, dh)
             if cfg.qk_norm:
-                q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-                k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+                q = rms_norm(q, norms[2 * d:2 * d + dh], cfg.rms_norm_eps)
+                k = rms_norm(k, norms[2 * d + dh:], cfg.rms_norm_eps)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
             k_pool = k_pool.at[layer_index, :, write_slots].set(k.astype(k_pool.dtype))
             v_pool = v_pool.at[layer_index, :, write_slots].set(v.astype(v_pool.dtype))
-            attn, outputs = attend(q, k_pool, v_pool, layer_index, inputs)
+            attn, outputs = attend(q, k_pool, v_pool, layer_index)
             x = x + attn.reshape(n, -1).astype(x.dtype) @ w["wo"]
-            h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+            h = rms_norm(x, norms[d:2 * d], cfg.rms_norm_eps)
             gate_up = jnp.einsum("nd,dcf->ncf", h, w["w_gate_up"])
             x = x + (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ w["w_down"]
-            return (x, k_pool, v_pool), outputs
+            return (x, k_pool, v_pool, layer_index + 1), outputs
 
-        xs = (self.layers.arrays(), jnp.arange(cfg.num_layers, dtype=jnp.int32), layer_inputs)
-        (x, k_pool, v_pool), outputs = jax.lax.scan(layer, (x, kv.k, kv.v), xs,
-                                                    unroll=cfg.num_layers if self.unroll_layers else 1)
+        (x, k_pool, v_pool, _), outputs = jax.lax.scan(layer, (x, kv.k, kv.v, jnp.int32(0)), self.layers.arrays(),
+                                                       unroll=cfg.num_layers if self.unroll_layers else 1)
         hidden = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return hidden, KVCache(k=k_pool, v=v_pool, page_size=kv.page_size), outputs
 
@@ -182,7 +191,7 @@ def forward_tokens(cfg: ModelConfig, params: Mapping[str, Any], token_ids, dtype
         write_slots=jnp.asarray(page_table[0, positions // page_size] * page_size + positions % page_size),
         page_size=page_size, max_q_len=num_tokens)
 
-    def attend(q, k_pool, v_pool, layer, _):
+    def attend(q, k_pool, v_pool, layer):
         out, _ = paged_attention("reference", q, k_pool, v_pool, layer, meta)
         return out, None
 

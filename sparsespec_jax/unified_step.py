@@ -44,16 +44,17 @@ def _sparse_slot_lists(sets: DraftSets, batch: UnifiedBatch, k: int):
     return slots, jnp.where(sparse.live, base + sparse.draft_index + 1, 0)
 
 
-def _attend_fn(batch: UnifiedBatch, count, backend: str, score_tokens):
-    """The decoder's attention for this batch. With score_tokens, each layer also hands back those tokens'
-    queries and LSEs, so the step can score every layer in one launch after the last (one layer's verify
-    rows are too little work for a launch of their own)."""
+def _attend_fn(batch: UnifiedBatch, slot_lists, count, backend: str, score_tokens):
+    """The decoder's attention for this batch. slot_lists: every layer's sparse slot lists, indexed by layer
+    in the kernels as the pools are. With score_tokens, each layer also hands back those tokens' queries and
+    LSEs, so the step can score every layer in one launch after the last (one layer's verify rows are too
+    little work for a launch of their own)."""
     num_sparse = batch.sparse.slot.shape[0]
     num_full = batch.meta.q_len.shape[0]
     meta = batch.meta
     owned = owned_full_tokens(meta, batch.tokens.shape[0] - num_sparse) if num_full else None   # once, not per layer
 
-    def attend(q, k_pool, v_pool, layer, slot_lists):
+    def attend(q, k_pool, v_pool, layer):
         if num_full == 0:
             return sparse_attention(backend, q, k_pool, v_pool, layer, slot_lists, count)[0], None
         if num_sparse == 0:
@@ -112,8 +113,8 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
         meta = dataclasses.replace(batch.meta, max_q_len=width)
         score_tokens, score_meta = score_query_rows(meta, num_emit, tokens.shape[0] - num_sparse,
                                                     jnp.where(batch.emits.refresh, meta.q_len[:num_emit], 0))
-    attend = _attend_fn(batch, count, backend, score_tokens)
-    hidden, kv, score_queries = model(tokens, batch.positions, kv, batch.write_slots, attend, slot_lists)
+    attend = _attend_fn(batch, slot_lists, count, backend, score_tokens)
+    hidden, kv, score_queries = model(tokens, batch.positions, kv, batch.write_slots, attend)
     scores = None
     if want_scores:
         queries, lse = score_queries                                   # [L, Re * width, Hq, D], [L, Re * width, Hq]

@@ -80,6 +80,19 @@ def test_matches_reference_bfloat16():
     assert_matches(lse, ref_lse, atol=2e-3, rtol=2e-3)
 
 
+def test_lists_stacked_over_layers_are_read_at_the_layer():
+    # The engine hands every layer's lists at once and the kernel indexes them by layer, as it does the pools.
+    batch = make_sparse_batch(8, [40, 3, 39], num_q_heads=9, num_kv_heads=3, head_dim=64, budget=40)
+    (_, _), (ref_out, ref_lse) = run_both(batch, block_kv=16, kv_splits=2)
+    other = np.random.default_rng(9).integers(0, POOL_SLOTS, (NUM_LAYERS,) + batch["slot_ids"].shape)
+    other[LAYER] = np.asarray(batch["slot_ids"])
+    stacked = {**batch, "slot_ids": jnp.asarray(other, jnp.int32)}
+    kernel = jax.jit(functools.partial(sparse_decode_attention, interpret=INTERPRET, block_kv=16, kv_splits=2))
+    out, lse = kernel(**stacked)
+    assert_matches(out, ref_out, atol=2e-5, rtol=2e-5)
+    assert_matches(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
 def test_rejects_bad_shapes():
     batch = make_sparse_batch(1, [3, 3], num_q_heads=4, num_kv_heads=2, head_dim=64, budget=8)
     batch["slot_ids"] = batch["slot_ids"][:, :1]
@@ -88,4 +101,8 @@ def test_rejects_bad_shapes():
     batch = make_sparse_batch(1, [3, 3], num_q_heads=4, num_kv_heads=2, head_dim=64, budget=8)
     batch["count"] = batch["count"][:1]
     with pytest.raises(ValueError, match="count has shape"):
+        sparse_decode_attention(**batch, interpret=True)
+    batch = make_sparse_batch(1, [3, 3], num_q_heads=4, num_kv_heads=2, head_dim=64, budget=8)
+    batch["slot_ids"] = jnp.stack([batch["slot_ids"]] * (NUM_LAYERS + 1))    # a stack of the wrong layer count
+    with pytest.raises(ValueError, match="slot_ids has shape"):
         sparse_decode_attention(**batch, interpret=True)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_kernels_paged_attention import INTERPRET, assert_matches, make_paged_batch
+from test_kernels_paged_attention import INTERPRET, LAYER, NUM_LAYERS, assert_matches, make_paged_batch
 
 from pallas_kernels.paged_attention.reference import owned_tokens
 from pallas_kernels.unified_attention import unified_attention, unified_attention_reference
@@ -95,6 +95,27 @@ def test_owned_mask_passed_in_gives_the_reference_result():
     assert_matches(lse, ref_lse, atol=2e-5, rtol=2e-5)
 
 
+def stacked_over_layers(slot_ids, layer, pool_slots, seed):
+    """slot_ids [R, Hkv, B] at `layer` of a [L, R, Hkv, B] stack whose other layers list other valid slots, so
+    reading the wrong layer's lists gives a finite but different result."""
+    rng = np.random.default_rng(seed)
+    stack = rng.integers(0, pool_slots, (NUM_LAYERS,) + slot_ids.shape).astype(np.int32)
+    stack[layer] = np.asarray(slot_ids)
+    return jnp.asarray(stack)
+
+
+def test_lists_stacked_over_layers_are_read_at_the_layer():
+    # The engine hands every layer's lists at once and the kernel indexes them by layer, as it does the pools.
+    batch = make_mixed_batch(11, [30, 4, 17], [9, 1], [9, 40], num_q_heads=8, num_kv_heads=2, head_dim=64,
+                             page_size=16, budget=30)
+    (_, _), (ref_out, ref_lse) = run_both(batch, page_size=16, max_q_len=9)
+    stacked = {**batch, "slot_ids": stacked_over_layers(batch["slot_ids"], LAYER, batch["k_pool"].shape[2], seed=4)}
+    kernel = jax.jit(functools.partial(unified_attention, page_size=16, max_q_len=9, interpret=INTERPRET))
+    out, lse = kernel(**stacked)
+    assert_matches(out, ref_out, atol=2e-5, rtol=2e-5)
+    assert_matches(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
 def test_splits_balance_kv_positions_per_program():
     # Qwen3-8B-like B64 step at k=8: 7 verify rows (1 query tile each) and 57 draft rows of a 5% budget, 8 KV heads.
     assert balanced_kv_splits(7 * 8, 8192, 57 * 8, 416, min_chunk=32) == (7, 1)
@@ -109,6 +130,8 @@ def test_rejects_bad_shapes():
         unified_attention(**{**batch, "slot_ids": batch["slot_ids"][:, :1]}, **options)
     with pytest.raises(ValueError, match="count has shape"):
         unified_attention(**{**batch, "count": batch["count"][:1]}, **options)
+    with pytest.raises(ValueError, match="slot_ids has shape"):     # a stack of the wrong number of layers
+        unified_attention(**{**batch, "slot_ids": jnp.stack([batch["slot_ids"]] * (NUM_LAYERS + 1))}, **options)
     with pytest.raises(ValueError, match="kv_len has shape"):
         unified_attention(**{**batch, "kv_len": jnp.array([5, 5], jnp.int32)}, **options)
     with pytest.raises(ValueError, match="draft_block_kv 24"):

@@ -25,7 +25,8 @@ SHORT_LIST_PROGRAMS = 2048  # draft lists are a few blocks long: more, shorter p
 
 
 def _sparse_decode_attention_kernel(layer_ref, count_ref, slot_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                                    group, tile_rows, block_kv, blocks_per_split, list_len, logit_scale2):
+                                    group, tile_rows, block_kv, blocks_per_split, list_len, stacked_lists,
+                                    logit_scale2):
     row, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     tile_row = jnp.arange(tile_rows, dtype=jnp.int32)
@@ -40,7 +41,9 @@ def _sparse_decode_attention_kernel(layer_ref, count_ref, slot_ref, q_ref, k_ref
     def body(block, carry):
         entries = split_start + block * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
         live = entries < split_end
-        slots = jnp.where(live, slot_ref[row, kv_head, jnp.minimum(entries, list_len - 1)], 0)
+        entry = jnp.minimum(entries, list_len - 1)
+        listed = slot_ref[layer, row, kv_head, entry] if stacked_lists else slot_ref[row, kv_head, entry]
+        slots = jnp.where(live, listed, 0)
         keys = k_ref[layer, kv_head, slots, :]                                        # [BK, D]
         values = v_ref[layer, kv_head, slots, :]
         logits2 = jnp.dot(queries, keys.T, precision=lax.Precision.HIGHEST,
@@ -63,6 +66,7 @@ def sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, *, scale:
                             block_kv: int | None = None, kv_splits: int | None = None, num_warps: int = 4,
                             num_stages: int = 2, interpret: bool = False):
     """Attention of one query token per row over its listed pool slots; returns (out f32[R, Hq, D], lse f32[R, Hq]).
+    slot_ids: this layer's lists [R, Hkv, B], or every layer's [L, R, Hkv, B], read at `layer` like the pools.
 
     block_kv: slots per inner step (power of 2, >= 16); kv_splits: slot-list ranges merged afterwards
     (None picks enough to fill the GPU). The defaults measured fastest on an H200
@@ -72,8 +76,12 @@ def sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, *, scale:
     num_kv_heads = check_queries_against_pool(q, k_pool, v_pool)
     if head_dim < MIN_DOT_ROWS or head_dim != next_power_of_2(head_dim):
         raise ValueError(f"head_dim {head_dim} must be a power of 2 >= {MIN_DOT_ROWS} for the Triton kernel")
-    if slot_ids.ndim != 3 or slot_ids.shape[:2] != (num_rows, num_kv_heads):
-        raise ValueError(f"slot_ids has shape {slot_ids.shape}, expected ({num_rows}, {num_kv_heads}, budget)")
+    stacked_lists = slot_ids.ndim == 4
+    lists = slot_ids.shape[1:] if stacked_lists else slot_ids.shape
+    if (slot_ids.ndim not in (3, 4) or lists[:2] != (num_rows, num_kv_heads)
+            or (stacked_lists and slot_ids.shape[0] != k_pool.shape[0])):
+        raise ValueError(f"slot_ids has shape {slot_ids.shape}, expected ([{k_pool.shape[0]} layers,] {num_rows}, "
+                         f"{num_kv_heads}, budget)")
     if count.shape != (num_rows,):
         raise ValueError(f"count has shape {count.shape}, expected ({num_rows},)")
     group = num_q_heads // num_kv_heads
@@ -96,7 +104,8 @@ def sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, *, scale:
 
     kernel = functools.partial(
         _sparse_decode_attention_kernel, group=group, tile_rows=tile_rows, block_kv=block_kv,
-        blocks_per_split=blocks_per_split, list_len=list_len, logit_scale2=scale * LOG2_E)
+        blocks_per_split=blocks_per_split, list_len=list_len, stacked_lists=stacked_lists,
+        logit_scale2=scale * LOG2_E)
     out_parts, lse_parts = pl.pallas_call(
         kernel,
         grid=(num_rows, num_kv_heads, kv_splits),

@@ -114,8 +114,9 @@ def _full_row_tile(program, layer, refs, *, num_drafts, num_kv_heads, group, que
 
 
 def _draft_row_tile(program, layer, refs, *, num_kv_heads, group, tile_rows, kv_splits, blocks_per_split, block_kv,
-                    list_len, max_count, logit_scale2):
-    """One (draft row, KV head, KV split): the group's query heads over that head's listed slots."""
+                    list_len, max_count, stacked_lists, logit_scale2):
+    """One (draft row, KV head, KV split): the group's query heads over that head's listed slots (in the
+    layer's lists when every layer's are stacked)."""
     count_ref, slot_ref, q_ref, k_ref, v_ref, out_ref, lse_ref = refs
     split = program % kv_splits
     kv_head = (program // kv_splits) % num_kv_heads
@@ -131,7 +132,9 @@ def _draft_row_tile(program, layer, refs, *, num_kv_heads, group, tile_rows, kv_
     def load_block(block):
         entries = chunk_start + block * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
         listed = entries < chunk_end
-        slots = jnp.where(listed, slot_ref[row, kv_head, jnp.minimum(entries, list_len - 1)], 0)
+        entry = jnp.minimum(entries, list_len - 1)
+        listed_slots = slot_ref[layer, row, kv_head, entry] if stacked_lists else slot_ref[row, kv_head, entry]
+        slots = jnp.where(listed, listed_slots, 0)
         return k_ref[layer, kv_head, slots, :], v_ref[layer, kv_head, slots, :], listed[None, :]
 
     num_blocks = jnp.maximum(0, pl.cdiv(chunk_end - chunk_start, block_kv))
@@ -164,11 +167,13 @@ def _check_inputs(q, k_pool, v_pool, slot_ids, count, rows, *, page_size, max_q_
     if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > MAX_QUERY_ROWS:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of the pool's KV heads ({num_kv_heads}), "
                          f"at most {MAX_QUERY_ROWS} per KV head")
-    if slot_ids.ndim != 3 or slot_ids.shape[1] != num_kv_heads or slot_ids.shape[0] > num_tokens:
-        raise ValueError(f"slot_ids has shape {slot_ids.shape}; expected (draft rows <= {num_tokens} tokens, "
-                         f"{num_kv_heads}, budget)")
-    if count.shape != slot_ids.shape[:1]:
-        raise ValueError(f"count has shape {count.shape}; expected ({slot_ids.shape[0]},), one per draft row")
+    lists = slot_ids.shape[1:] if slot_ids.ndim == 4 else slot_ids.shape
+    if (slot_ids.ndim not in (3, 4) or lists[1] != num_kv_heads or lists[0] > num_tokens
+            or (slot_ids.ndim == 4 and slot_ids.shape[0] != k_pool.shape[0])):
+        raise ValueError(f"slot_ids has shape {slot_ids.shape}; expected ([{k_pool.shape[0]} layers,] draft rows "
+                         f"<= {num_tokens} tokens, {num_kv_heads}, budget)")
+    if count.shape != lists[:1]:
+        raise ValueError(f"count has shape {count.shape}; expected ({lists[0]},), one per draft row")
     page_tables = rows[-1]
     for name, values in zip(("q_start", "q_len", "kv_len"), rows[:3]):
         if page_tables.ndim != 2 or values.shape != page_tables.shape[:1]:
@@ -180,6 +185,7 @@ def _check_inputs(q, k_pool, v_pool, slot_ids, count, rows, *, page_size, max_q_
 
 def _nonempty(array, axis):
     """Pallas refs cannot be empty: give an empty axis one zero entry, which no program reads."""
+    axis %= array.ndim
     if array.shape[axis]:
         return array
     return jnp.zeros(array.shape[:axis] + (1,) + array.shape[axis + 1:], array.dtype)
@@ -192,6 +198,8 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
                       num_warps: int = 4, num_stages: int = 3, owned: jax.Array | None = None,
                       interpret: bool = False):
     """Draft and full-attention rows of one step in one launch; returns (out f32[N, Hq, D], lse f32[N, Hq]).
+    slot_ids: the draft rows' lists of this layer [Dr, Hkv, B], or of every layer [L, Dr, Hkv, B], read at
+    `layer` like the pools (a layer loop then takes no per-layer slice of them).
 
     block_kv / draft_block_kv: KV positions / listed slots per inner step (powers of 2, >= 16); kv_splits /
     draft_kv_splits: KV ranges per full / draft tile, merged afterwards (None: `balanced_kv_splits` towards
@@ -206,7 +214,8 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
-    num_drafts, list_len = slot_ids.shape[0], slot_ids.shape[2]
+    stacked_lists = slot_ids.ndim == 4
+    num_drafts, list_len = slot_ids.shape[-3], slot_ids.shape[-1]
     num_rows, num_pages = page_tables.shape[0], max(1, page_tables.shape[1])
     num_full_tokens = num_tokens - num_drafts
     queries_per_tile = max(1, min(max_q_len, MAX_QUERY_ROWS // group))
@@ -233,7 +242,7 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
     draft_tiling = dict(num_kv_heads=num_kv_heads, group=group, tile_rows=max(MIN_DOT_ROWS, next_power_of_2(group)),
                         kv_splits=draft_splits, blocks_per_split=-(-draft_blocks // draft_splits),
                         block_kv=draft_block_kv, list_len=max(1, list_len), max_count=list_len,
-                        logit_scale2=scale * LOG2_E)
+                        stacked_lists=stacked_lists, logit_scale2=scale * LOG2_E)
     num_full_programs = full_tiles * full_splits
     num_programs = num_full_programs + draft_tiles * draft_splits
 
@@ -254,7 +263,7 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
         interpret=interpret,
         name="unified_attention",
     )(jnp.asarray(layer, jnp.int32).reshape(1), row_inputs[0],
-      _nonempty(_nonempty(slot_ids.astype(jnp.int32), 2), 0), *row_inputs[1:],
+      _nonempty(_nonempty(slot_ids.astype(jnp.int32), -1), -3), *row_inputs[1:],
       _nonempty(_nonempty(page_tables.astype(jnp.int32), 1), 0), _nonempty(q, 0), k_pool, v_pool)
 
     draft_out, draft_lse = merge_kv_splits(draft_out[:, :num_drafts], draft_lse[:, :num_drafts])
