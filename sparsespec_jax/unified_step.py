@@ -48,7 +48,8 @@ def _attend_fn(batch: UnifiedBatch, slot_lists, count, backend: str, score_token
     """The decoder's attention for this batch. slot_lists: every layer's sparse slot lists, indexed by layer
     in the kernels as the pools are. With score_tokens, each layer also hands back those tokens' queries and
     LSEs, so the step can score every layer in one launch after the last (one layer's verify rows are too
-    little work for a launch of their own)."""
+    little work for a launch of their own): packed as one float32 array [T, Hq, D + 1], the LSE last, because
+    the layer loop stacks each per-layer output with a launch of its own."""
     num_sparse = batch.sparse.slot.shape[0]
     num_full = batch.meta.q_len.shape[0]
     meta = batch.meta
@@ -63,7 +64,8 @@ def _attend_fn(batch: UnifiedBatch, slot_lists, count, backend: str, score_token
             out, lse = unified_attention(backend, q, k_pool, v_pool, layer, slot_lists, count, meta, owned)
         if score_tokens is None:
             return out, None
-        return out, (q[num_sparse:][score_tokens], lse[num_sparse:][score_tokens])
+        queries = q[num_sparse:][score_tokens].astype(jnp.float32)
+        return out, jnp.concatenate([queries, lse[num_sparse:][score_tokens][..., None]], axis=-1)
 
     return attend
 
@@ -117,7 +119,8 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
     hidden, kv, score_queries = model(tokens, batch.positions, kv, batch.write_slots, attend)
     scores = None
     if want_scores:
-        queries, lse = score_queries                                   # [L, Re * width, Hq, D], [L, Re * width, Hq]
+        queries = score_queries[..., :-1].astype(model.dtype)         # [L, Re * width, Hq, D], exactly as computed
+        lse = score_queries[..., -1]                                   # [L, Re * width, Hq]
         scores = pillar_scores(backend, queries, kv.k, jnp.arange(cfg.num_layers, dtype=jnp.int32), score_meta, lse)
 
     window = state.window
