@@ -39,6 +39,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec-k", type=int, default=8, help="drafts verified per round")
     parser.add_argument("--budget-ratio", type=float, default=0.05, help="PillarAttn budget, fraction of context")
     parser.add_argument("--min-budget", type=int, default=128, help="PillarAttn budget floor in tokens")
+    parser.add_argument("--draft-min-context", type=int, default=0,
+                        help="decode plainly until a request holds this many tokens of context, then draft "
+                             "(speculation pays at long contexts; 0: always draft)")
     parser.add_argument("--scheduler", default="unified", choices=["unified", "phased"],
                         help="unified: staggered draft/verify rows in every step; phased: all verify together")
     parser.add_argument("--sync", action="store_true",
@@ -113,6 +116,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", "--spec-k", type=int, default=None, dest="k", help="drafts per verify")
     parser.add_argument("--budget-ratio", type=float, default=None)
     parser.add_argument("--min-budget", type=int, default=None)
+    parser.add_argument("--draft-min-context", type=int, default=None,
+                        help="draft methods decode plainly below this context (whole real generations)")
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--unroll-layers", action="store_true", default=None,
                         help="trace every layer into the step instead of a loop (about 5x the compile time)")
@@ -217,7 +222,8 @@ def make_llm(args):
     from sparsespec_jax.loading import DEFAULT_MODEL
     from sparsespec_jax.spec.config import SpecConfig
 
-    spec = SpecConfig(method=args.draft, k=args.spec_k, budget_ratio=args.budget_ratio, min_budget=args.min_budget)
+    spec = SpecConfig(method=args.draft, k=args.spec_k, budget_ratio=args.budget_ratio, min_budget=args.min_budget,
+                      draft_min_context=args.draft_min_context)
     return LLM(args.model or DEFAULT_MODEL, dtype=args.dtype, max_batch_size=args.max_batch_size,
                kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_model_len=args.max_model_len,
                max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
@@ -390,8 +396,8 @@ def run_convert(args) -> int:
     return EXIT_OK
 
 
-BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "attention_backend", "unroll_layers",
-                "min_batch_bucket", "row_buckets_per_doubling", "temperature", "seed",
+BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "draft_min_context", "attention_backend",
+                "unroll_layers", "min_batch_bucket", "row_buckets_per_doubling", "temperature", "seed",
                 "model", "real_random_shape", "prompts", "real_batch", "new_tokens", "real_dtype", "sync_tokens",
                 "real_contexts",
                 "shape", "shaped_batch", "contexts", "warmup", "steps", "sync_steps", "prompt_length",

@@ -167,7 +167,7 @@ class Engine:
         self.slot_state = create_on_mesh(slot_state, self.mesh)
         self.host_kv = HostKVPool(config.host_kv_tokens, config.page_size)
         policy = CyclePolicy(k=k, drafts_with_model=spec.drafts_with_model, mode=config.scheduler,
-                             stall_steps=0 if config.sync_host else 1,
+                             stall_steps=0 if config.sync_host else 1, draft_min_context=spec.draft_min_context,
                              propose=functools.partial(propose_ngram, ngram_max=spec.ngram_max,
                                                        ngram_min=spec.ngram_min))
         self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_num_batched_tokens,

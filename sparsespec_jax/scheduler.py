@@ -102,6 +102,7 @@ class CyclePolicy:
     drafts_with_model: bool = False
     mode: str = "unified"
     stall_steps: int = 1          # steps a request sits out after a verify (0 when the host syncs every step)
+    draft_min_context: int = 0    # a request decodes plainly while its context is shorter (SpecConfig)
     propose: Callable[[np.ndarray, int], list[int]] | None = None       # host drafts (n-gram)
 
     @property
@@ -247,26 +248,28 @@ class Scheduler:
                 # device (unread = 1). The continuation's first token then guesses it and the drafts follow
                 # the guess; a wrong guess only costs acceptance, since the verify checks every draft.
                 unread = int(table.pending[slot])
-                if unread <= 1 and room[i] > 1:
+                if unread <= 1 and room[i] > 1 and start[i] >= policy.draft_min_context:
                     wanted = min(policy.k, int(room[i]) - 1)
                     drafts = policy.propose(table.requests[slot].token_history(), wanted + unread)[unread:]
                     proposals[i, :len(drafts)], num_drafts[i] = drafts, len(drafts)
             return _plan(slots, RowKind.VERIFY, start, num_drafts + 1, num_drafts=num_drafts, cycle_start=start,
                          emits=True, stalls=num_drafts > 0, proposals=proposals)
         new = table.draft_index[slots] < 0
+        plain = new & (start < policy.draft_min_context)        # a plain decode: no drafts, no set refresh
         num_drafts = np.where(new, np.minimum(policy.k, room - 1), table.cycle_drafts[slots])
+        num_drafts[plain] = 0
         draft_index = np.where(new, 0, table.draft_index[slots])
         cycle_start = np.where(new, start, table.cycle_start[slots])
         phase = np.full(len(slots), -1, np.int64)
         sits_out = np.zeros(len(slots), bool)
-        first = new & ((table.phase[slots] < 0) | (policy.mode == "phased"))
+        first = new & ~plain & ((table.phase[slots] < 0) | (policy.mode == "phased"))
         if first.any():
             num_drafts[first], sits_out[first], phase[first] = self._first_cycles(num_drafts[first])
         drafting = draft_index < num_drafts
         kind = np.where(drafting, RowKind.DRAFT, RowKind.VERIFY)
         return _plan(slots, kind, np.where(drafting, cycle_start + draft_index, cycle_start),
                      np.where(drafting, 1, num_drafts + 1), draft_index=draft_index, num_drafts=num_drafts,
-                     cycle_start=cycle_start, sparse=drafting & table.has_sets[slots], refresh=~drafting,
+                     cycle_start=cycle_start, sparse=drafting & table.has_sets[slots], refresh=~drafting & ~plain,
                      emits=~drafting, stalls=~drafting & ((num_drafts > 0) | sits_out), phase=phase)
 
     def _reserve_decode_pages(self, rows: dict) -> dict:
@@ -386,7 +389,7 @@ class Scheduler:
         table.draft_index[slot[verify]] = -1
         table.cycle_drafts[slot[verify]] = 0
         if self.policy.drafts_with_model:
-            table.has_sets[slot[verify]] = True
+            table.has_sets[slot[verify & plan.refresh]] = True
         chosen = plan.phase >= 0
         table.phase[slot[chosen]] = plan.phase[chosen]
         flowing = plan.emits & ~plan.stalls

@@ -228,6 +228,9 @@ def test_bad_bench_configurations_are_named(tmp_path, capsys):
         smoke_config(shape="qwen9")
     with pytest.raises(ValueError, match="real_contexts.*distinct"):
         smoke_config(real_contexts=(64, 64))
+    with pytest.raises(ValueError, match="draft_min_context"):
+        smoke_config(draft_min_context=-1)
+    assert smoke_config(draft_min_context=4096).spec("pillar", replayed=False).draft_min_context == 4096
     assert parse_replay(["0.5,0.5", "pillar=0.2,0.8"]) == {"ngram": (0.5, 0.5), "streaming": (0.5, 0.5),
                                                            "pillar": (0.2, 0.8)}
     assert main(["bench", "--smoke", "--k", "2", "--replay", "0.5,0.3"]) == EXIT_INVALID_JOB

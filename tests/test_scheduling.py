@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import generate
+from conftest import generate, run_requests, unaccounted_tokens
 import sparsespec_jax.engine as engine_module
 from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.config import ModelConfig
@@ -31,11 +31,11 @@ def tiny_params():
             for name, value in random_params(TINY, seed=5, dtype=jnp.float32).items()}
 
 
-def make(tiny_params, tokenizer, method="pillar", **fields) -> Engine:
+def make(tiny_params, tokenizer, method="pillar", draft_min_context=0, **fields) -> Engine:
     config = dict(max_batch_size=16, kv_cache_tokens=4096, max_model_len=256, page_size=8, prefill_chunk_size=32,
                   max_num_batched_tokens=16 * (K + 1), min_context_bucket=256, min_batch_bucket=16)
     return Engine(TINY, tiny_params, tokenizer, EngineConfig(**{**config, **fields}),
-                  SpecConfig(method=method, k=K, min_budget=8, budget_ratio=0.1))
+                  SpecConfig(method=method, k=K, min_budget=8, budget_ratio=0.1, draft_min_context=draft_min_context))
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -138,3 +138,31 @@ def test_finely_bucketed_verify_groups_change_no_outputs(tiny_params, smollm2, m
     assert generate(engine, ids, params) == expected
     sizes = {b.meta.q_len.shape[0] for b in built}
     assert 14 in sizes, sizes
+
+
+@pytest.mark.parametrize("method", ["pillar", "ngram"])
+def test_requests_decode_plainly_until_the_draft_min_context(tiny_params, smollm2, method):
+    threshold = 50
+    sampling = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    vanilla = generate(make(tiny_params, smollm2.tokenizer, "none"), prompts(12), sampling)
+    engine = make(tiny_params, smollm2.tokenizer, method, draft_min_context=threshold)
+    requests = run_requests(engine, prompts(12), sampling)
+    assert [r.output_ids for r in requests] == vanilla
+    for request in requests:
+        # One plain token per step until the context reaches the threshold (the first token comes from prefill).
+        assert request.stats.decodes >= threshold - len(request.prompt_ids) - 1, request.stats
+        assert unaccounted_tokens(request) == 0
+    if method == "pillar":
+        assert sum(r.stats.verifies for r in requests) > 0                # and drafts past it
+
+
+def test_plain_decodes_below_the_draft_min_context_leave_token_sets_alone(tiny_params, smollm2):
+    # A plain row is a verify without drafts; below the threshold it must not pay for a PillarAttn refresh.
+    engine = make(tiny_params, smollm2.tokenizer, draft_min_context=200)
+    for ids in prompts(6):
+        engine.add_request(ids, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    for _ in range(20):
+        engine.step()
+    assert engine.metrics.steps[-1].decode_rows == 6
+    assert sum(s.verify_rows + s.draft_rows for s in engine.metrics.steps) == 0
+    assert not engine.table.has_sets[engine.table.active].any()

@@ -50,7 +50,7 @@ def test_sampled_speculation_runs_and_respects_max_tokens(make_engine, smollm2):
 
 @pytest.mark.parametrize("field, value, message", [
     ("k", 0, "k"), ("budget_ratio", 0.0, "budget_ratio"), ("budget_ratio", 1.5, "budget_ratio"),
-    ("min_budget", 0, "min_budget"), ("method", "eagle", "draft method")])
+    ("min_budget", 0, "min_budget"), ("method", "eagle", "draft method"), ("draft_min_context", -1, "draft_min")])
 def test_spec_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         SpecConfig(**{field: value})

@@ -85,6 +85,7 @@ class BenchConfig:
     k: int = 8
     budget_ratio: float = 0.05
     min_budget: int = 128
+    draft_min_context: int = 0                       # SpecConfig.draft_min_context of the draft methods
     attention_backend: str = "auto"
     unroll_layers: bool = False                      # EngineConfig.unroll_layers of every engine
     min_batch_bucket: int = 8                        # EngineConfig.min_batch_bucket: fewer compiles vs padding
@@ -167,7 +168,7 @@ class BenchConfig:
                                      f"give one of k + 1 = {self.k + 1} probabilities for {method} (k = {self.k})")
                 replay = DEFAULT_REPLAY
         return SpecConfig(method=method, k=self.k, budget_ratio=self.budget_ratio, min_budget=self.min_budget,
-                          replay_acceptance=replay)
+                          draft_min_context=self.draft_min_context, replay_acceptance=replay)
 
     def replay_description(self, method: str) -> dict:
         if method == "none":

@@ -191,7 +191,10 @@ def markdown(result: dict, targets: list[dict]) -> str:
              f"{result['device']}, {result['date']}. Command: `{result['command']}`. Attention backend: "
              f"{result['attention_backend']}, decoder layers {layers}, row buckets of at least "
              f"{config.get('min_batch_bucket', 8)} ({config.get('row_buckets_per_doubling', 1)} sizes per power of two "
-             f"above 64 tokens). Copy bandwidth (jitted x*2 over "
+             f"above 64 tokens)"
+             + (f", draft methods decoding plainly below {config['draft_min_context']} tokens of context"
+                if config.get("draft_min_context") else "")
+             + ". Copy bandwidth (jitted x*2 over "
              f"{result['copy_bandwidth']['array_bytes'] / 2 ** 20:.0f} MiB, 2 x bytes / median time): "
              f"{result['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s. Run time {result['elapsed_s']:.0f} s.", ""]
     real, shaped = result["workloads"].get("real"), result["workloads"].get("shaped")

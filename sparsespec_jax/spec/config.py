@@ -12,7 +12,11 @@ DRAFT_METHODS = ("pillar", "streaming", "ngram", "none")
 class SpecConfig:
     """method: pillar (PillarAttn sparse self-drafts, default), streaming (sink + recent window of the same
     budget), ngram (prompt lookup in the request's own tokens) or none (vanilla decoding).
-    k drafts are verified per round; draft steps attend to max(min_budget, ceil(budget_ratio * L)) tokens."""
+    k drafts are verified per round; draft steps attend to max(min_budget, ceil(budget_ratio * L)) tokens.
+    draft_min_context: a request decodes plainly, one token per step, until it holds this many tokens of context,
+    and drafts from then on. Speculation pays once a step's full KV reads dominate it; below that (on an H200,
+    SmolLM2 at batch 128 below ~4k tokens, the Qwen3-8B shape below ~3.7k) plain decoding is faster. 0: draft
+    from the first token (the paper's setting)."""
 
     method: str = "pillar"
     k: int = 8
@@ -21,6 +25,7 @@ class SpecConfig:
     sink_tokens: int = 4
     ngram_max: int = 3
     ngram_min: int = 1
+    draft_min_context: int = 0
     # Benchmarks of random-weight models only: accept 0..k drafts with these probabilities instead of verifying
     # (the output is then not the model's distribution). None = real verification, always the default.
     replay_acceptance: tuple[float, ...] | None = None
@@ -44,6 +49,9 @@ class SpecConfig:
                 raise ValueError(f"replay_acceptance: need k + 1 = {self.k + 1} probabilities >= 0 summing to 1, "
                                  f"got {self.replay_acceptance!r}")
             object.__setattr__(self, "replay_acceptance", probs)
+        if not isinstance(self.draft_min_context, int) or isinstance(self.draft_min_context, bool) \
+                or self.draft_min_context < 0:
+            raise ValueError(f"draft_min_context: must be an integer >= 0, got {self.draft_min_context!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"ngram sizes: need 1 <= ngram_min ({self.ngram_min}) <= ngram_max ({self.ngram_max})")
 
