@@ -104,6 +104,8 @@ class EmitRows:
     num_drafts: jax.Array     # int32 [Re]: drafts following first_token (0: plain sample)
     position: jax.Array       # int32 [Re]: first new position
     refresh: jax.Array        # bool  [Re]: a verify that renews the request's token set
+    # Whether any row refreshes (static): a step of plain decodes only skips the score pass and top-K.
+    any_refresh: bool = dataclasses.field(metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -213,6 +215,7 @@ def build_unified_batch(plan: StepPlan, table: SlotTable, limits: BucketLimits, 
                      slot=rows_array(slot[emit_rows], spare_slot, num_full),
                      num_drafts=rows_array(plan.num_drafts[emit_rows], 0, num_full),
                      position=rows_array(start[emit_rows] + first + 1, 0, num_full),
-                     refresh=rows_array(plan.refresh[emit_rows], False, num_full, bool))
+                     refresh=rows_array(plan.refresh[emit_rows], False, num_full, bool),
+                     any_refresh=bool(plan.refresh[emit_rows].any()))
     return UnifiedBatch(tokens=tokens, window_index=window_index, positions=positions, write_slots=write_slots,
                         sparse=sparse, meta=meta, drafts=drafts, emits=emits)

@@ -109,7 +109,7 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
     slot_lists, count = (_sparse_slot_lists(state.sets, batch, width - 1) if num_sparse
                          else (None, None))
     num_emit = batch.emits.slot.shape[0]
-    want_scores = spec.method == "pillar" and num_emit > 0
+    want_scores = spec.method == "pillar" and num_emit > 0 and batch.emits.any_refresh
     score_tokens, score_meta = None, None
     if want_scores:     # each emitting row's first `width` queries; rows that keep their set get no scores
         meta = dataclasses.replace(batch.meta, max_q_len=width)
@@ -147,7 +147,7 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
     newest = emitted[jnp.arange(num_emit), num_emitted - 1]
     window = window.at[emits.slot, 0].set(newest)
     sets = state.sets
-    if sets is not None:
+    if sets is not None and emits.any_refresh:
         committed = emits.position + num_emitted - 1        # tokens in the cache after this verify
         sets = _refresh_sets(sets, scores, batch, committed, num_emitted, spec, cfg.num_layers, cfg.num_kv_heads,
                              backend)

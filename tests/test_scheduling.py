@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -159,6 +160,8 @@ def test_requests_decode_plainly_until_the_draft_min_context(tiny_params, smollm
 def test_plain_decodes_below_the_draft_min_context_leave_token_sets_alone(tiny_params, smollm2):
     # A plain row is a verify without drafts; below the threshold it must not pay for a PillarAttn refresh.
     engine = make(tiny_params, smollm2.tokenizer, draft_min_context=200)
+    step_fn, layouts = engine._step_fn, []
+    engine._step_fn = lambda *args: layouts.append(args[4]) or step_fn(*args)
     for ids in prompts(6):
         engine.add_request(ids, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
     for _ in range(20):
@@ -166,3 +169,6 @@ def test_plain_decodes_below_the_draft_min_context_leave_token_sets_alone(tiny_p
     assert engine.metrics.steps[-1].decode_rows == 6
     assert sum(s.verify_rows + s.draft_rows for s in engine.metrics.steps) == 0
     assert not engine.table.has_sets[engine.table.active].any()
+    # Nor does the step run the score pass and top-K for nobody.
+    last_batch = jax.tree_util.tree_unflatten(layouts[-1].treedef, [shape for shape, _ in layouts[-1].leaves])[0]
+    assert last_batch.emits.any_refresh is False
