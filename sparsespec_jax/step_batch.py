@@ -106,6 +106,8 @@ class EmitRows:
     refresh: jax.Array        # bool  [Re]: a verify that renews the request's token set
     # Whether any row refreshes (static): a step of plain decodes only skips the score pass and top-K.
     any_refresh: bool = dataclasses.field(metadata=dict(static=True))
+    # Tokens whose logits each row needs (static): k + 1, or 1 when no emitting row has drafts.
+    width: int = dataclasses.field(metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -135,7 +137,8 @@ def build_unified_batch(plan: StepPlan, table: SlotTable, limits: BucketLimits, 
 
     Buckets are tied to keep the number of compiled shapes small: every draft row has an entry in the sparse
     group (dense ones as dead entries, their real token in the full group), the emitting rows are padded to
-    the full group's row count, and without prompt chunks the full group holds exactly width tokens per row.
+    the full group's row count, and without prompt chunks the full group holds exactly width tokens per row,
+    or one when no row feeds more (a step of plain decodes pays for no drafts).
     """
     if spare_slot != len(table.page_table) - 1:
         raise ValueError(f"spare_slot {spare_slot}: must be the slot table's padding row "
@@ -149,12 +152,14 @@ def build_unified_batch(plan: StepPlan, table: SlotTable, limits: BucketLimits, 
 
     q_len = plan.num_tokens[full_rows]
     full_tokens = int(q_len.sum())
+    # Full rows of one token each (plain decodes, dense drafts) need no room for a verify's drafts.
+    row_width = width if has_chunks or (q_len > 1).any() else 1
     num_sparse = limits.rows(len(draft_rows))
-    num_full = limits.rows(len(full_rows), tokens_per_row=width)
+    num_full = limits.rows(len(full_rows), tokens_per_row=row_width)
     # With prompt chunks, the query run is the chunk size and the token count at least one chunk.
     num_full_tokens = (bucket(full_tokens, limits.max_tokens, minimum=max(limits.max_q_len, num_full * width))
-                       if has_chunks else num_full * width)
-    max_q = max(limits.max_q_len, width) if has_chunks else width
+                       if has_chunks else num_full * row_width)
+    max_q = max(limits.max_q_len, width) if has_chunks else row_width
     num_pages = limits.pages(max(int(table.num_pages[slot].max()), 1))
     page_table = table.page_table
     ps = limits.page_size
@@ -216,6 +221,7 @@ def build_unified_batch(plan: StepPlan, table: SlotTable, limits: BucketLimits, 
                      num_drafts=rows_array(plan.num_drafts[emit_rows], 0, num_full),
                      position=rows_array(start[emit_rows] + first + 1, 0, num_full),
                      refresh=rows_array(plan.refresh[emit_rows], False, num_full, bool),
-                     any_refresh=bool(plan.refresh[emit_rows].any()))
+                     any_refresh=bool(plan.refresh[emit_rows].any()),
+                     width=width if (plan.num_drafts[emit_rows] > 0).any() else 1)
     return UnifiedBatch(tokens=tokens, window_index=window_index, positions=positions, write_slots=write_slots,
                         sparse=sparse, meta=meta, drafts=drafts, emits=emits)

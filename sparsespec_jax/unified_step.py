@@ -23,7 +23,7 @@ from sparsespec_jax.model import Transformer
 from sparsespec_jax.packed_args import PackedLayout, unpack
 from sparsespec_jax.sampling import SamplingArrays
 from sparsespec_jax.slot_state import SlotState
-from sparsespec_jax.spec.acceptance import draft_sample, replay_acceptance, verify_drafts
+from sparsespec_jax.spec.acceptance import NO_TOKEN, draft_sample, replay_acceptance, verify_drafts
 from sparsespec_jax.spec.config import SpecConfig
 from sparsespec_jax.spec.draft_sets import DraftSets, pillar_refresh, streaming_refresh, with_draft_positions
 from sparsespec_jax.step_batch import UnifiedBatch
@@ -135,15 +135,16 @@ def unified_step(graphdef, params, kv: KVCache, state: SlotState, batch: Unified
     emits = batch.emits
     if not num_emit:
         return kv, dataclasses.replace(state, window=window, draft_log_q=log_q)
-    index = jnp.minimum(emits.first_token[:, None] + jnp.arange(width)[None, :], tokens.shape[0] - 1)
-    target_logits = model.logits(hidden[index])                                          # [Re, width, V]
-    row_log_q = None if log_q is None else log_q[emits.slot]
+    index = jnp.minimum(emits.first_token[:, None] + jnp.arange(emits.width)[None, :], tokens.shape[0] - 1)
+    target_logits = model.logits(hidden[index])                                          # [Re, emits.width, V]
+    row_log_q = None if log_q is None or emits.width == 1 else log_q[emits.slot]
     if spec.replay_acceptance is None:
         emitted, num_emitted = verify_drafts(target_logits, tokens[index[:, 1:]], row_log_q, emits.num_drafts,
                                              emit_sampling, emits.position)
     else:
         emitted, num_emitted = replay_acceptance(target_logits, tokens[index[:, 1:]], emits.num_drafts,
                                                  spec.replay_acceptance, emit_sampling, emits.position)
+    emitted = jnp.pad(emitted, ((0, 0), (0, width - emits.width)), constant_values=NO_TOKEN)   # plain rows
     newest = emitted[jnp.arange(num_emit), num_emitted - 1]
     window = window.at[emits.slot, 0].set(newest)
     sets = state.sets

@@ -172,3 +172,5 @@ def test_plain_decodes_below_the_draft_min_context_leave_token_sets_alone(tiny_p
     # Nor does the step run the score pass and top-K for nobody.
     last_batch = jax.tree_util.tree_unflatten(layouts[-1].treedef, [shape for shape, _ in layouts[-1].leaves])[0]
     assert last_batch.emits.any_refresh is False
+    # And its rows carry one token each, not room for k drafts: the step costs what vanilla decoding's does.
+    assert last_batch.emits.width == 1 and last_batch.tokens == last_batch.meta.q_len == (16,)
