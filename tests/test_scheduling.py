@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +175,22 @@ def test_plain_decodes_below_the_draft_min_context_leave_token_sets_alone(tiny_p
     assert last_batch.emits.any_refresh is False
     # And its rows carry one token each, not room for k drafts: the step costs what vanilla decoding's does.
     assert last_batch.emits.width == 1 and last_batch.tokens == last_batch.meta.q_len == (16,)
+
+
+def _op_sequence(engine: Engine, steps: int) -> list[str]:
+    """StableHLO op names, in order, of the program the engine's last step ran."""
+    step_fn, calls = engine._step_fn, []
+    engine._step_fn = lambda *args: calls.append(args) or step_fn(*args)
+    for ids in prompts(6):
+        engine.add_request(ids, SamplingParams(temperature=0.6, max_tokens=60, ignore_eos=True))
+    for _ in range(steps):
+        engine.step()
+    return re.findall(r"stablehlo\.[a-z_]+", step_fn.lower(*calls[-1]).as_text())
+
+
+def test_plain_steps_below_the_draft_min_context_run_the_vanilla_program(tiny_params, smollm2):
+    # Below the threshold a pillar engine's step must do exactly what vanilla decoding's does (the state it
+    # carries for later drafting passes through untouched): the same ops in the same order.
+    vanilla = _op_sequence(make(tiny_params, smollm2.tokenizer, "none"), 12)
+    plain = _op_sequence(make(tiny_params, smollm2.tokenizer, draft_min_context=200), 12)
+    assert len(vanilla) > 100 and plain == vanilla
