@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import glob
 import os
 
@@ -114,7 +115,6 @@ def profile(shape: str, method: str, params, batch: int, context: int, trace_dir
           f"{np.mean([s.dispatch_ms for s in window]):.2f}), tokens fed/step {np.mean([s.tokens for s in window]):.0f}")
     for name, ns in by_kernel.most_common(40):
         print(f"  {ns / 1e6 / steps:8.3f} ms  {100 * ns / total:5.1f}%  {name[:120]}")
-    del engine
 
 
 def main() -> None:
@@ -131,6 +131,7 @@ def main() -> None:
     for method in args.methods:
         profile(args.shape, method, params, args.batch, args.context, args.trace_dir, not args.no_trace,
                 args.steps)
+        gc.collect()         # an engine holds reference cycles: free its KV pool before the next one is made
 
 
 if __name__ == "__main__":
