@@ -7,6 +7,8 @@ the host has read how many tokens were accepted (a first cycle may sit out after
 its phase), and for its whole stall step even when the host reads the result early (a step that waits for the
 device before evicting), which would otherwise move its verifies onto the next phase's. Everything else
 advances deterministically, so the host can plan a step before it knows the previous step's tokens.
+Below CyclePolicy.draft_min_context tokens of context a request only decodes plainly (a VERIFY row without
+drafts that renews no token set) and starts its first cycle once past it.
 
 Decoding requests are planned with array operations over the slot table (slot_table.py); only prompt chunks,
 host-made drafts, first cycles, admissions and evictions take a per-request path.
