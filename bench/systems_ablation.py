@@ -1,5 +1,6 @@
 """Systems ablation: naive sparse self-speculation, then + unified batches, + running ahead of the device,
-+ KV offload — one row each, same model, same requests, same device pool, one run.
++ KV offload, + decode bursts (several steps per jitted call, decode_burst.py) — one row each, same model, same
+requests, same device pool, one run; vanilla decoding with and without bursts for reference.
 
 Steady-state window: `--batch` requests are placed at `--context` tokens (random K/V, no prefill), then
 `--warmup` steps (compiles included) and `--steps` timed steps run per configuration; output lengths are
@@ -35,12 +36,14 @@ from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
-ROWS = [  # label, draft method, scheduler, sync_host, host pool
-    ("naive (phased, sync, recompute)", "pillar", "phased", True, False),
-    ("+ unified batches", "pillar", "unified", True, False),
-    ("+ delayed verification (async host)", "pillar", "unified", False, False),
-    ("+ KV offload to host", "pillar", "unified", False, True),
-    ("vanilla decoding (same engine, async, offload)", "none", "unified", False, True),
+ROWS = [  # label, draft method, scheduler, sync_host, host pool, decode steps per call
+    ("naive (phased, sync, recompute)", "pillar", "phased", True, False, 1),
+    ("+ unified batches", "pillar", "unified", True, False, 1),
+    ("+ delayed verification (async host)", "pillar", "unified", False, False, 1),
+    ("+ KV offload to host", "pillar", "unified", False, True, 1),
+    ("+ decode bursts (8 steps per call)", "pillar", "unified", False, True, 8),
+    ("vanilla decoding (same engine, async, offload)", "none", "unified", False, True, 1),
+    ("vanilla decoding, decode bursts (8 steps per call)", "none", "unified", False, True, 8),
 ]
 # Accepted-draft counts 0..8 measured on SmolLM2 (pillar, k=8, T=0.6; bench/results/acceptance_h200.json).
 DEFAULT_REPLAY = (0.08, 0.05, 0.05, 0.05, 0.06, 0.07, 0.08, 0.10, 0.46)
@@ -50,7 +53,7 @@ SMALL = ModelConfig(arch="qwen3", vocab_size=4096, hidden_size=128, intermediate
 
 
 def placed_engine(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host: bool,
-                  offload: bool) -> Engine:
+                  offload: bool, burst_steps: int = 1) -> Engine:
     """An engine with the row's configuration and `--batch` requests placed at `--context`."""
     window = args.warmup + args.steps
     pool = args.batch * (args.context + args.headroom)
@@ -59,7 +62,7 @@ def placed_engine(cfg, params, tokenizer, args, method: str, scheduler: str, syn
                           max_model_len=args.context + window + 64, kv_cache_tokens=pool,
                           max_num_batched_tokens=args.batch * (args.k + 1), min_batch_bucket=16,
                           min_context_bucket=args.context, scheduler=scheduler, sync_host=sync_host,
-                          unroll_layers=args.unroll_layers,
+                          unroll_layers=args.unroll_layers, burst_steps=burst_steps,
                           host_kv_tokens=need if offload else 0)
     spec = SpecConfig(method=method, k=args.k, min_budget=args.min_budget,
                       replay_acceptance=args.replay if method != "none" else None)
@@ -85,11 +88,13 @@ def device_ms(cfg, params, tokenizer, args, method: str, scheduler: str, offload
     return float(np.median(waits)) if waits else float("nan")
 
 
-def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host: bool, offload: bool) -> dict:
-    engine = placed_engine(cfg, params, tokenizer, args, method, scheduler, sync_host, offload)
+def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host: bool, offload: bool,
+            burst_steps: int) -> dict:
+    engine = placed_engine(cfg, params, tokenizer, args, method, scheduler, sync_host, offload, burst_steps)
     window = time_window(engine, args.warmup, args.steps)    # compile steps are left out
     result = {"tokens_per_s": window.tokens_per_s, "host_ms": window.mean("host_ms"),
-              "wait_ms": window.mean("wait_ms"), "step_ms": window.step_ms, "steps_timed": len(window.steady),
+              "wait_ms": window.mean("wait_ms"), "step_ms": window.step_ms,
+              "steps_timed": sum(s.decode_steps for s in window.steady),
               "tokens_per_step": window.mean("tokens"), "emitted_per_step": window.mean("emitted_tokens"),
               "accepted_per_verify": acceptance_summary(window.acceptance_counts)["accepted_per_verify"],
               "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
@@ -129,10 +134,10 @@ def main() -> None:
               "emitted/step", "tokens fed/step", "accepted/verify", "preempt", "offload", "restore"]
     rows, results = [], []
     device = device_description()
-    for index, (label, method, scheduler, sync_host, offload) in enumerate(ROWS):
+    for index, (label, method, scheduler, sync_host, offload, burst_steps) in enumerate(ROWS):
         if args.only is not None and index not in args.only:
             continue
-        result = run_row(cfg, params, tokenizer, args, method, scheduler, sync_host, offload)
+        result = run_row(cfg, params, tokenizer, args, method, scheduler, sync_host, offload, burst_steps)
         results.append({"configuration": label, **result})
         base = results[0]["tokens_per_s"]                        # the first row run
         rows.append([label, f"{result['tokens_per_s']:.0f}", f"{result['tokens_per_s'] / base:.2f}",
@@ -146,7 +151,7 @@ def main() -> None:
                     f"at {args.context} tokens, {args.warmup} warm-up + {args.steps} timed steps per row, device "
                     f"pool batch x (context + {args.headroom}) tokens. Verify outcomes REPLAYED from {args.replay} "
                     f"(accepted 0..k), not computed. Device ms/step: median wait of a sync-mode engine of the row's "
-                    f"configuration right after each dispatch, over {args.device_steps} steps. Decoder layers "
+                    f"configuration (one step per call) right after each dispatch, over {args.device_steps} steps. Decoder layers "
                     f"{'unrolled' if args.unroll_layers else 'in a loop'}. Script: bench/systems_ablation.py.\n\n"
                     + markdown_table(header, rows))
         write_result(args.name, {"device": device, "date": today(), "args": vars(args), "rows": results}, markdown)

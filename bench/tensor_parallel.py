@@ -126,7 +126,7 @@ def steady_state_config(args, tensor_parallel: int) -> tuple[EngineConfig, int]:
                           max_batch_size=args.batch, max_model_len=max_len, kv_cache_tokens=args.batch * per_request,
                           max_num_batched_tokens=args.batch * (args.k + 1), min_batch_bucket=min(16, args.batch),
                           min_context_bucket=max_len, host_kv_tokens=0, tensor_parallel=tensor_parallel,
-                          unroll_layers=args.unroll_layers)
+                          unroll_layers=args.unroll_layers, burst_steps=args.burst_steps)
     return config, new_tokens
 
 
@@ -147,7 +147,7 @@ def time_engine(cfg, params, tokenizer, args, tensor_parallel: int, method: str)
     result = {"tokens_per_s": window.tokens_per_s, "step_ms": window.step_ms, "host_ms": window.mean("host_ms"),
               "wait_ms": window.mean("wait_ms"), "tokens_per_step": window.mean("tokens"),
               "accepted_per_verify": acceptance_summary(window.acceptance_counts)["accepted_per_verify"],
-              "steps_timed": len(window.steady), "steps_excluded": len(window.compiled),
+              "steps_timed": sum(s.decode_steps for s in window.steady), "steps_excluded": len(window.compiled),
               "preemptions": engine.scheduler.num_preemptions,
               "device_bytes_in_use": device_bytes_in_use(tensor_parallel),
               "wall_s": time.perf_counter() - started}
@@ -177,7 +177,7 @@ def greedy_streams(params, tokenizer, args, tensor_parallel: int, method: str) -
                                  max_model_len=CHECK_MAX_LEN, prefill_chunk_size=CHECK_PROMPT_TOKENS[1],
                                  max_num_batched_tokens=CHECK_REQUESTS * max(CHECK_PROMPT_TOKENS[1], args.k + 1),
                                  min_context_bucket=CHECK_MAX_LEN, min_batch_bucket=CHECK_REQUESTS,
-                                 tensor_parallel=tensor_parallel),
+                                 tensor_parallel=tensor_parallel, burst_steps=args.burst_steps),
                     SpecConfig(method=method, k=args.k, min_budget=CHECK_MIN_BUDGET))
     rng = np.random.default_rng(7)
     greedy = SamplingParams(temperature=0, max_tokens=CHECK_NEW_TOKENS, ignore_eos=True)
@@ -285,6 +285,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--replay", type=float, nargs="+", default=DEFAULT_REPLAY,
                         help="probabilities of accepting 0..k drafts (pillar)")
     parser.add_argument("--check", action="store_true", help="first check TP=N greedy streams equal TP=1")
+    parser.add_argument("--burst-steps", type=int, default=1,
+                        help="decode steps per jitted call (EngineConfig.burst_steps), in the check too")
     parser.add_argument("--smoke", action="store_true",
                         help=f"CPU run of the tiny model on 4 host devices: defaults {SMOKE}")
     args = parser.parse_args(argv)

@@ -48,6 +48,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="read every step's results before planning the next (no running ahead)")
     parser.add_argument("--host-kv-tokens", type=int, default=65536,
                         help="host memory pool for offloaded KV, in tokens (0: preempt and recompute instead)")
+    parser.add_argument("--burst-steps", type=int, default=1,
+                        help="decode steps per device call once every request is decoding (planned on the device: "
+                             "less host time per step; pillar, streaming and none)")
     parser.add_argument("--profile", type=Path, default=None, help="write per-step metrics (JSONL) here")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel: devices each engine's heads split over")
     parser.add_argument("--unroll-layers", action="store_true",
@@ -118,6 +121,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-budget", type=int, default=None)
     parser.add_argument("--draft-min-context", type=int, default=None,
                         help="draft methods decode plainly below this context (whole real generations)")
+    parser.add_argument("--burst-steps", type=int, default=None,
+                        help="decode steps per device call of the throughput engines (sync windows: 1)")
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--unroll-layers", action="store_true", default=None,
                         help="trace every layer into the step instead of a loop (about 5x the compile time)")
@@ -229,7 +234,7 @@ def make_llm(args):
                max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
                attention_backend=args.attention_backend, seed=args.engine_seed, tensor_parallel=args.tp, spec=spec,
                scheduler=args.scheduler, sync_host=args.sync, host_kv_tokens=args.host_kv_tokens,
-               unroll_layers=args.unroll_layers)
+               unroll_layers=args.unroll_layers, burst_steps=args.burst_steps)
 
 
 def summarize(outputs, wall_s: float, llm, errors: int) -> dict[str, Any]:
@@ -396,7 +401,8 @@ def run_convert(args) -> int:
     return EXIT_OK
 
 
-BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "draft_min_context", "attention_backend",
+BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "draft_min_context", "burst_steps",
+                "attention_backend",
                 "unroll_layers", "min_batch_bucket", "row_buckets_per_doubling", "temperature", "seed",
                 "model", "real_random_shape", "prompts", "real_batch", "new_tokens", "real_dtype", "sync_tokens",
                 "real_contexts",

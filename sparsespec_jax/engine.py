@@ -3,6 +3,9 @@
 Each iteration plans one step, dispatches the jitted unified step and, when running ahead (the default), reads
 the previous step's results while this one runs on the device: the host never sits on the critical path in
 steady state. With `sync_host` it reads each step's results before planning the next (the ablation baseline).
+With `burst_steps` > 1 an iteration in which every request is decoding runs that many steps in one call
+(decode_burst.py); the slot table hands its requests' cycles to the device counters and takes them back when
+the batch needs single steps again (an admission, an eviction, a prompt chunk).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from flax import nnx
 
 from sparsespec_jax.attention import check_backend_name, resolve_backend
 from sparsespec_jax.config import ModelConfig
+from sparsespec_jax.decode_burst import (BurstCounters, BurstInputs, BurstPlan, advance_cycles, make_burst_fn,
+                                         seed_counters)
 from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
 from sparsespec_jax.kv_offload import HostKVPool, gather_pages, scatter_pages
@@ -63,13 +68,14 @@ class EngineConfig:
     host_kv_tokens: int = 65536               # host memory pool for offloaded KV (0: preempt and recompute)
     tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
     unroll_layers: bool = False               # trace every layer into the step (see Transformer)
+    burst_steps: int = 1                      # decode steps per jitted call in steady state (decode_burst.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_size", "kv_cache_tokens", "page_size", "max_num_batched_tokens",
                      "prefill_chunk_size", "min_context_bucket", "min_batch_bucket", "row_buckets_per_doubling",
-                     "tensor_parallel"):
+                     "tensor_parallel", "burst_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -102,9 +108,10 @@ def _write_newest(window, slot, token):
 
 
 @jax.jit
-def _copy_emitted(emitted):
-    """A step's outputs, copied out of the slot state that the next step will overwrite."""
-    return jnp.copy(emitted)
+def _copy_out(outputs):
+    """A call's outputs (SlotState.emitted, BurstCounters.outputs), copied out of the donated state that the
+    next call will overwrite."""
+    return jnp.copy(outputs)
 
 
 @dataclasses.dataclass
@@ -113,6 +120,15 @@ class _InFlight:
 
     plan: StepPlan
     emitted: jax.Array       # SlotState.emitted after the step
+
+
+@dataclasses.dataclass
+class _BurstInFlight:
+    """A dispatched burst whose outputs the host has not read yet."""
+
+    plan: BurstPlan
+    outputs: jax.Array       # BurstCounters.outputs after the burst
+    metrics: StepMetrics     # its iteration's, corrected on read to the rows that ran
 
 
 class Engine:
@@ -149,10 +165,14 @@ class Engine:
                             unroll_layers=config.unroll_layers)
         self.graphdef, self.state = nnx.split(model)
         self._step_fn = make_step_fn(self.graphdef, spec, self.backend)
+        if config.burst_steps > 1 and spec.method == "ngram":
+            raise ValueError("burst_steps: n-gram drafts are proposed by the host at every step; decode bursts "
+                             "need drafts made on the device (pillar, streaming) or none (method none)")
+        self._burst_fn = make_burst_fn(self.graphdef, spec, self.backend) if config.burst_steps > 1 else None
         # Every jitted program an iteration may run. Offloading and restoring compile theirs on first use, inside
         # an iteration like a new step shape does, so an iteration is flagged as compiling if any of them grew.
-        self._programs = (self._step_fn, _copy_emitted, gather_pages, scatter_pages, _read_set, _write_set,
-                          _write_newest)
+        self._programs = (self._step_fn, _copy_out, gather_pages, scatter_pages, _read_set, _write_set,
+                          _write_newest) + ((self._burst_fn, seed_counters) if self._burst_fn else ())
         self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.width = k + 1
@@ -165,6 +185,17 @@ class Engine:
             return SlotState.create(config.max_batch_size + 1, k, cfg.vocab_size, sets)
 
         self.slot_state = create_on_mesh(slot_state, self.mesh)
+        num_slots = config.max_batch_size + 1
+        if self._burst_fn is not None:
+            self.counters = create_on_mesh(lambda: BurstCounters.create(num_slots, k, config.burst_steps), self.mesh)
+        # The host's copy of the burst counters (decode_burst.py): newest as of the last burst read, the others
+        # as of the last one dispatched; verifies dispatched but not read bound each request's growth.
+        self._burst_newest = np.zeros(num_slots, np.int64)
+        self._burst_draft_index = np.zeros(num_slots, np.int64)
+        self._burst_sit_out = np.zeros(num_slots, np.int64)
+        self._burst_unread = np.zeros(num_slots, np.int64)
+        self._in_burst = False               # the device counters, not the slot table, hold the running cycles
+        self._next_burst_try = 0             # step index before which entering bursts is not tried again
         self.host_kv = HostKVPool(config.host_kv_tokens, config.page_size)
         policy = CyclePolicy(k=k, drafts_with_model=spec.drafts_with_model, mode=config.scheduler,
                              stall_steps=0 if config.sync_host else 1, draft_min_context=spec.draft_min_context,
@@ -260,6 +291,17 @@ class Engine:
         started, compilations = time.perf_counter(), self._compilations()
         self._waited, self._taken, self._dispatch_s = 0.0, 0, 0.0
         finished: list[Request] = []
+        if self._burst_fn is not None and (self._in_burst or self._burst_candidate()):
+            if not self._in_burst and self._in_flight is not None:
+                finished += self._settle()              # entering needs every request's counters on the host
+            burst = self._plan_burst()
+            if burst is not None:
+                metrics = self._burst_metrics(burst)
+                finished += self._run_burst(burst, metrics)
+                self._record_burst(started, metrics, compilations)
+                return finished
+            finished += self._leave_bursts()
+            self._next_burst_try = self.scheduler.step_index + self.scheduler.policy.cycle_length
         if self._in_flight is not None and self.scheduler.pages_short():
             finished += self._settle()                  # evicting needs every request's state on the host
         plan = self.scheduler.schedule()
@@ -276,7 +318,7 @@ class Engine:
                                self._sampling_arrays(plan.slot[plan.emits], batch.emits.slot.shape[0])))
         dispatched = time.perf_counter()
         self.kv, self.slot_state = self._step_fn(self.state, self.kv, self.slot_state, buffer, layout)
-        emitted = _copy_emitted(self.slot_state.emitted)
+        emitted = _copy_out(self.slot_state.emitted)
         self._dispatch_s = time.perf_counter() - dispatched
         emitted.copy_to_host_async()
         self.scheduler.apply(plan)
@@ -288,6 +330,174 @@ class Engine:
             finished += self._settle()
         self._record(started, plan, compilations)
         return finished
+
+    # -- decode bursts (decode_burst.py) ---------------------------------------------------------------
+    def _burst_blocked(self) -> bool:
+        """Whether the scheduler has work a burst cannot do: admitting or restoring a request."""
+        scheduler = self.scheduler
+        return bool(scheduler.offloaded) or bool(scheduler.waiting and scheduler.free_slots)
+
+    def _burst_candidate(self) -> bool:
+        """Whether every running request is decoding in the steady state a burst continues: past its prompt,
+        with a draft set and a phase (model drafts), drafting from here on, and in a full-length cycle or
+        between cycles. Checked on the table as planned (before a settle)."""
+        table, k = self.table, self.width - 1
+        slots = np.flatnonzero(table.active)
+        if not len(slots) or self.scheduler.step_index < self._next_burst_try or self._burst_blocked():
+            return False
+        steady = ~table.prefilling(slots)
+        if k:
+            steady &= table.has_sets[slots] & (table.phase[slots] >= 0)
+            steady &= table.computed[slots] >= self.scheduler.policy.draft_min_context
+            steady &= (table.draft_index[slots] < 0) | (table.cycle_drafts[slots] == k)
+        return bool(steady.all())
+
+    def _plan_burst(self) -> BurstPlan | None:
+        """Plan the next burst and grant its pages, or None when the batch is not in steady decoding or the
+        pool cannot hold every request's worst case over the burst (single steps then evict)."""
+        table, scheduler, k = self.table, self.scheduler, self.width - 1
+        if self._burst_blocked():
+            return None
+        slots = np.flatnonzero(table.active)
+        if not len(slots):
+            return None
+        slots = slots[np.argsort(table.admitted[slots])]
+        if not self._in_burst:
+            if not self._burst_candidate() or table.awaiting[slots].any() or table.pending[slots].any():
+                return None
+            newest = table.computed[slots]
+            draft_index = np.maximum(table.draft_index[slots], 0) if k else np.zeros(len(slots), np.int64)
+            sit_out = np.maximum(table.resume_step[slots] - scheduler.step_index, 0)
+        else:
+            newest, draft_index, sit_out = (self._burst_newest[slots], self._burst_draft_index[slots],
+                                            self._burst_sit_out[slots])
+        verifies, drafts, next_draft_index, next_sit_out = advance_cycles(
+            draft_index, sit_out, k, scheduler.policy.stall_steps if k else 0, self.config.burst_steps)
+        unread = (self._burst_unread[slots] if self._in_burst else 0) + verifies.sum(0)
+        tokens = newest + (k + 1) * (unread + 1)           # every draft accepted, and the cycle after
+        target = np.minimum(tokens, table.cap[slots])
+        if int(table.pages_short_of(slots, target).sum()) > self.allocator.num_free:
+            return None
+        table.grow(slots, target)
+        if not self._in_burst:      # padded to a row bucket (the spare slot takes the padding): few compiles
+            entries, spare = self.limits.rows(len(slots)), self.config.max_batch_size
+            self.counters = seed_counters(self.counters, rows_array(slots, spare, entries),
+                                          rows_array(newest, 0, entries), rows_array(draft_index, 0, entries),
+                                          rows_array(sit_out, 0, entries))
+            self._burst_newest[slots] = newest
+            self._burst_unread[slots] = 0
+            self._in_burst = True
+        self._burst_unread[slots] += verifies.sum(0)
+        self._burst_draft_index[slots], self._burst_sit_out[slots] = next_draft_index, next_sit_out
+        return BurstPlan(slot=slots, generation=table.generation[slots], verifies=verifies, drafts=drafts,
+                         tokens_bound=tokens)
+
+    def _run_burst(self, plan: BurstPlan, metrics: StepMetrics) -> list[Request]:
+        """Dispatch a planned burst, then read the one before it while this one runs."""
+        table, limits, k = self.table, self.limits, self.width - 1
+        spare = self.config.max_batch_size
+        entries = limits.rows(len(plan.slot))
+        slot = rows_array(plan.slot, spare, entries)
+        num_pages = limits.pages(min(-(-int(plan.tokens_bound.max()) // limits.page_size), limits.max_pages))
+        inputs = BurstInputs(slot=slot, cap=rows_array(table.cap[plan.slot], 0, entries),
+                             page_tables=table.page_table[slot, :num_pages],
+                             sampling=self._sampling_arrays(plan.slot, entries),
+                             verify_rows=limits.rows(int(plan.verifies.sum(1).max()), tokens_per_row=k + 1))
+        buffer, layout = pack(inputs)
+        dispatched = time.perf_counter()
+        self.kv, self.slot_state, self.counters = self._burst_fn(
+            self.state, self.kv, self.slot_state, self.counters, buffer, layout, plan.steps,
+            self.scheduler.policy.stall_steps if k else 0)
+        outputs = _copy_out(self.counters.outputs)
+        self._dispatch_s = time.perf_counter() - dispatched
+        outputs.copy_to_host_async()
+        table.steps[plan.slot] += plan.steps
+        self.scheduler.step_index += plan.steps
+        self.num_steps += plan.steps
+        previous, self._in_flight = self._in_flight, _BurstInFlight(plan, outputs, metrics)
+        finished = self._read_burst(previous) if previous is not None else []
+        if self.config.sync_host:
+            finished += self._settle()
+        return finished
+
+    def _read_burst(self, in_flight: _BurstInFlight) -> list[Request]:
+        """Consume a burst's outputs: each request's tokens over its sub-steps, in order."""
+        waited = time.perf_counter()
+        outputs = np.asarray(in_flight.outputs)
+        self._waited += time.perf_counter() - waited
+        plan, table = in_flight.plan, self.table
+        valid = plan.generation == table.generation[plan.slot]    # else finished since: stale
+        slots = plan.slot[valid]
+        counts = outputs[:, slots, 0].T.astype(np.int64)           # [A, steps]
+        self._count_burst_rows(in_flight, valid, counts)
+        self._burst_newest[slots] += counts.sum(1)
+        self._burst_unread[slots] -= plan.verifies[:, valid].sum(0)
+        if self.width > 1:
+            verified = counts > 0
+            self.acceptance_counts += np.bincount(counts[verified] - 1, minlength=len(self.acceptance_counts))
+            requests = table.requests
+            for slot, verifies, emitted in zip(slots.tolist(), verified.sum(1).tolist(), counts.sum(1).tolist()):
+                stats = requests[slot].stats
+                stats.verifies += verifies
+                stats.drafted_tokens += verifies * (self.width - 1)
+                stats.accepted_tokens += emitted - verifies
+        else:
+            table.decodes[slots] += counts.sum(1)
+        if not len(slots):
+            return []
+        read = (np.arange(self.width) < counts[:, :, None]).reshape(len(slots), -1)   # [A, steps * (k + 1)]
+        tokens = outputs[:, slots, 1:].transpose(1, 0, 2).reshape(read.shape)
+        order = np.argsort(~read, axis=1, kind="stable")            # each request's tokens first, in order
+        return self._take_tokens(slots, read.sum(1), np.take_along_axis(tokens, order, axis=1))
+
+    def _count_burst_rows(self, in_flight: _BurstInFlight, valid: np.ndarray, counts: np.ndarray) -> None:
+        """Replace the planned row counts of a burst's metrics by the rows that ran: a request stops taking
+        rows once its newest token reaches its limit, which the host learns only from the outputs."""
+        plan, metrics, k = in_flight.plan, in_flight.metrics, self.width - 1
+        slots = plan.slot[valid]
+        newest = self._burst_newest[slots][:, None] + np.cumsum(counts, axis=1) - counts   # before each sub-step
+        live = (newest + 1 < self.table.cap[slots][:, None]).T                              # [steps, A]
+        verifies = int((plan.verifies[:, valid] & live).sum())
+        drafts = int((plan.drafts[:, valid] & live).sum())
+        metrics.tokens = verifies * (k + 1) + drafts
+        metrics.draft_rows = drafts
+        metrics.verify_rows, metrics.decode_rows = (verifies, 0) if k else (0, verifies)
+
+    def _leave_bursts(self) -> list[Request]:
+        """Read every burst in flight and hand the running cycles back to the slot table."""
+        finished = self._settle() if self._in_flight is not None else []
+        if not self._in_burst:
+            return finished
+        self._in_burst = False
+        table, k = self.table, self.width - 1
+        slots = np.flatnonzero(table.active)
+        newest, draft_index = self._burst_newest[slots], self._burst_draft_index[slots]
+        table.computed[slots] = newest
+        table.total[slots] = newest + 1
+        table.pending[slots] = 0
+        table.awaiting[slots] = False
+        table.cycle_start[slots] = newest
+        table.draft_index[slots] = np.where(draft_index > 0, draft_index, -1)
+        table.cycle_drafts[slots] = np.where(draft_index > 0, k, 0)
+        table.resume_step[slots] = self.scheduler.step_index + self._burst_sit_out[slots]
+        return finished
+
+    def _burst_metrics(self, plan: BurstPlan) -> StepMetrics:
+        """A burst's iteration metrics with its planned rows (corrected on read); timing filled at its end."""
+        verifies, drafts, k = int(plan.verifies.sum()), int(plan.drafts.sum()), self.width - 1
+        return StepMetrics(step=self.num_steps, host_ms=0.0, dispatch_ms=0.0, wait_ms=0.0, step_ms=0.0,
+                           tokens=verifies * (k + 1) + drafts, prefill_rows=0, draft_rows=drafts,
+                           verify_rows=verifies if k else 0, decode_rows=0 if k else verifies, emitted_tokens=0,
+                           kv_tokens_used=0, kv_tokens_offloaded=0, decode_steps=plan.steps)
+
+    def _record_burst(self, started: float, metrics: StepMetrics, compilations: int) -> None:
+        elapsed = (time.perf_counter() - started) * 1e3
+        metrics.host_ms, metrics.dispatch_ms = elapsed - self._waited * 1e3, self._dispatch_s * 1e3
+        metrics.wait_ms, metrics.step_ms, metrics.emitted_tokens = self._waited * 1e3, elapsed, self._taken
+        metrics.kv_tokens_used = (self.allocator.num_pages - 1 - self.allocator.num_free) * self.config.page_size
+        metrics.kv_tokens_offloaded = self.host_kv.used_tokens
+        metrics.compiled = self._compilations() > compilations
+        self.metrics.add(metrics)
 
     def _compilations(self) -> int:
         """Programs compiled so far by the jitted functions an iteration may call."""
@@ -306,18 +516,17 @@ class Engine:
             prefill_rows=int(counts[RowKind.PREFILL]), draft_rows=int(counts[RowKind.DRAFT]),
             verify_rows=verifies, decode_rows=int(counts[RowKind.VERIFY]) - verifies, emitted_tokens=self._taken,
             kv_tokens_used=(self.allocator.num_pages - 1 - self.allocator.num_free) * self.config.page_size,
-            kv_tokens_offloaded=self.host_kv.used_tokens, compiled=compiled))
+            kv_tokens_offloaded=self.host_kv.used_tokens, compiled=compiled, decode_steps=int(plan is not None)))
 
     def _settle(self) -> list[Request]:
         """Read the step in flight (blocking) so every request's state is known to the host."""
         in_flight, self._in_flight = self._in_flight, None
+        if isinstance(in_flight, _BurstInFlight):
+            return self._read_burst(in_flight)
         return self._read(in_flight)
 
     def _read(self, in_flight: _InFlight) -> list[Request]:
-        """Consume a dispatched step's emitted tokens; returns the requests that finished.
-
-        Rows that cannot finish now (no stop token among their tokens, below the length limit, no stop strings
-        to match) are checked together and only append their tokens; the others take _append_tokens."""
+        """Consume a dispatched step's emitted tokens; returns the requests that finished."""
         waited = time.perf_counter()
         outputs = np.asarray(in_flight.emitted)
         self._waited += time.perf_counter() - waited
@@ -334,7 +543,7 @@ class Engine:
         table.computed[slots[stalled]] = plan.cycle_start[rows[stalled]] + emitted[stalled]
         table.total[slots[stalled]] += emitted[stalled]
         table.pending[slots[flowing]] -= 1
-        requests, now = table.requests, time.perf_counter()
+        requests = table.requests
         # A VERIFY row without drafts verified nothing: it is a plain decode and must not dilute acceptance.
         verify_or_decode = valid & (plan.kind[rows] == RowKind.VERIFY)
         verifying = plan.verifies[rows]
@@ -348,15 +557,24 @@ class Engine:
             stats.drafted_tokens += drafts
             stats.accepted_tokens += count - 1
         table.decodes[slots[verify_or_decode & ~verifying]] += 1     # slots differ: one row each
-        self._taken += int(emitted[valid].sum())
+        return self._take_tokens(slots[valid], emitted[valid], tokens[valid])
+
+    def _take_tokens(self, slots: np.ndarray, emitted: np.ndarray, tokens: np.ndarray) -> list[Request]:
+        """Append the first emitted[i] of tokens[i] to the request in slots[i]; returns those that finished.
+
+        Requests that cannot finish now (no stop token among their tokens, below the length limit, no stop
+        strings to match) are checked together and only append their tokens; the others take _append_tokens."""
+        table, requests, now = self.table, self.table.requests, time.perf_counter()
+        self._taken += int(emitted.sum())
         read = np.arange(tokens.shape[1]) < emitted[:, None]
         stop_hit = ((tokens[:, :, None] == table.stop_tokens[slots][:, None, :]).any(2) & read).any(1)
         may_finish = stop_hit | table.stop_strings[slots] | (emitted >= table.cap[slots] - table.recorded[slots])
-        table.recorded[slots[valid]] += emitted[valid]
-        for slot in slots[valid & table.before_first_token[slots]].tolist():
+        table.recorded[slots] += emitted
+        first = slots[table.before_first_token[slots] & (emitted > 0)]
+        for slot in first.tolist():
             requests[slot].stats.first_token_time = now
-        table.before_first_token[slots[valid]] = False
-        appending = np.flatnonzero(valid & ~may_finish)
+        table.before_first_token[first] = False
+        appending = np.flatnonzero(~may_finish)
         counts = emitted[appending]
         if (counts == 1).all():                           # plain decoding: one token per row
             for slot, token in zip(slots[appending].tolist(), tokens[appending, 0].tolist()):
@@ -368,7 +586,7 @@ class Engine:
                 requests[slot].output_ids.extend(appended[start:end])
                 start = end
         finished = []
-        for i in np.flatnonzero(valid & may_finish):
+        for i in np.flatnonzero(may_finish):
             request = requests[slots[i]]
             if self._append_tokens(request, tokens[i, :emitted[i]].tolist(), now):
                 finished.append(request)
@@ -416,3 +634,10 @@ class Engine:
             for request in self.step():
                 if on_finish is not None:
                     on_finish(request)
+        self.drain()
+
+    def drain(self) -> None:
+        """Read what is still in flight once every request has finished. A burst dispatched before the host
+        learned that its requests had finished leaves outputs nobody takes; reading them corrects its metrics."""
+        if self._in_flight is not None and not self.has_unfinished():
+            self._settle()

@@ -23,7 +23,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  prefill_chunk_size: int = 128, attention_backend: str = "auto", seed: int = 0,
                  spec: SpecConfig | None = None, scheduler: str = "unified", sync_host: bool = False,
-                 host_kv_tokens: int = 65536, tensor_parallel: int = 1, unroll_layers: bool = False):
+                 host_kv_tokens: int = 65536, tensor_parallel: int = 1, unroll_layers: bool = False,
+                 burst_steps: int = 1):
         spec = spec or SpecConfig()
         # Room for every slot to verify in the same step (phased scheduling needs it; unified rarely does).
         rows_tokens = max_batch_size * (spec.k + 1 if spec.speculative else 1)
@@ -32,7 +33,7 @@ class LLM:
                               max_num_batched_tokens=max_num_batched_tokens or max(256, rows_tokens),
                               prefill_chunk_size=prefill_chunk_size, attention_backend=attention_backend,
                               seed=seed, scheduler=scheduler, sync_host=sync_host, host_kv_tokens=host_kv_tokens,
-                              tensor_parallel=tensor_parallel, unroll_layers=unroll_layers)
+                              tensor_parallel=tensor_parallel, unroll_layers=unroll_layers, burst_steps=burst_steps)
         started = time.perf_counter()
         loaded = load_model(model)
         self.load_seconds = time.perf_counter() - started

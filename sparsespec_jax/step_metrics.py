@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 from pathlib import Path
 
 
@@ -25,6 +24,7 @@ class StepMetrics:
     kv_tokens_offloaded: int  # host KV pool in use
     compiled: bool = False    # XLA compiled during this iteration (a new step shape, or a first offload or
                               # restore program): its time includes the compile
+    decode_steps: int = 1     # engine steps the iteration ran: 1, a burst's length (decode_burst.py), 0 when idle
 
 
 class StepLog:
@@ -35,13 +35,15 @@ class StepLog:
         self.steps.append(metrics)
 
     def summary(self) -> dict[str, float]:
-        """Means over steps (empty when no step ran)."""
+        """Means per engine step (a burst iteration counts as its steps; empty when no step ran)."""
         if not self.steps:
             return {}
         fields = ("host_ms", "dispatch_ms", "wait_ms", "step_ms", "tokens", "prefill_rows", "draft_rows", "verify_rows",
                   "decode_rows")
-        out = {f"mean_{name}": round(statistics.fmean(getattr(s, name) for s in self.steps), 3) for name in fields}
-        out["steps"] = len(self.steps)
+        num_steps = max(1, sum(s.decode_steps for s in self.steps))
+        out = {f"mean_{name}": round(sum(getattr(s, name) for s in self.steps) / num_steps, 3) for name in fields}
+        out["steps"] = num_steps
+        out["iterations"] = len(self.steps)
         out["compile_steps"] = sum(s.compiled for s in self.steps)
         out["compile_steps_s"] = round(sum(s.step_ms for s in self.steps if s.compiled) / 1e3, 3)
         out["peak_kv_tokens_offloaded"] = max(s.kv_tokens_offloaded for s in self.steps)

@@ -56,14 +56,14 @@ def assert_heads_split(engine: Engine, tensor_parallel: int) -> None:
         assert {s.data.shape[2] for s in engine.slot_state.sets.positions.addressable_shards} == pool_heads
 
 
-def run_tiny(params, tokenizer, tensor_parallel: int, method: str) -> list[list[int]]:
+def run_tiny(params, tokenizer, tensor_parallel: int, method: str, burst_steps: int = 1) -> list[list[int]]:
     """Three one-token prompts, 16 greedy tokens each. One-token prompts make every vanilla step a decode step
     and every pillar step a round, and every context fits the narrowest page table: one compiled step per
     engine (multi-token prefill under tensor parallelism is SmolLM2's part)."""
     engine = Engine(TINY_GQA, params, tokenizer,
                     EngineConfig(max_batch_size=3, kv_cache_tokens=1024, max_model_len=256, page_size=8,
                                  prefill_chunk_size=16, max_num_batched_tokens=16, min_context_bucket=64,
-                                 tensor_parallel=tensor_parallel),
+                                 tensor_parallel=tensor_parallel, burst_steps=burst_steps),
                     SpecConfig(method=method, k=3, min_budget=8, budget_ratio=0.1))
     outputs = generate(engine, [[17], [101], [230]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert_heads_split(engine, tensor_parallel)
@@ -77,6 +77,7 @@ def test_tiny_qwen3_on_two_and_four_devices_generates_what_one_device_does(tiny_
     assert len({tuple(out) for out in expected}) == 3          # distinct continuations: a real comparison
     split = {(tensor_parallel, method): run_tiny(tiny_params, smollm2.tokenizer, tensor_parallel, method)
              for tensor_parallel in (2, 4) for method in ("none", "pillar")}
+    split[2, "pillar", "bursts"] = run_tiny(tiny_params, smollm2.tokenizer, 2, "pillar", burst_steps=4)
     assert split == dict.fromkeys(split, expected)
 
 

@@ -1,10 +1,12 @@
 """On a GPU: the engine's greedy tokens with the Pallas kernels (unified launch, running ahead, staggered
-cycles) equal vanilla decoding with the jnp references, on a random float32 model.
+cycles, decode bursts) equal vanilla decoding with the jnp references, on a random float32 model.
 
   PYTHONPATH=$PWD:bench python scripts/gpu/engine_check.py
 """
 
 from __future__ import annotations
+
+import argparse
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,11 +37,25 @@ def generate(method: str, backend: str, **fields) -> list[list[int]]:
     return [r.output_ids for r in requests]
 
 
+MODES = {
+    "pillar": ("pillar", {}),
+    "pillar-phased-sync": ("pillar", dict(scheduler="phased", sync_host=True)),
+    "none": ("none", {}),
+    "pillar-burst": ("pillar", dict(burst_steps=8)),
+    "streaming-burst": ("streaming", dict(burst_steps=8)),
+    "none-burst": ("none", dict(burst_steps=8)),
+}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    args = parser.parse_args()
     expected = generate("none", "reference", sync_host=True)
-    for method, fields in (("pillar", {}), ("pillar", dict(scheduler="phased", sync_host=True)), ("none", {})):
+    for name in args.modes:
+        method, fields = MODES[name]
         same = sum(a == b for a, b in zip(generate(method, "pallas", **fields), expected))
-        print(f"{method} {fields or 'unified async'}: {same} of {len(expected)} token streams equal vanilla/reference")
+        print(f"{name} {fields or 'unified async'}: {same} of {len(expected)} token streams equal vanilla/reference")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Where a steady-state step's host time goes: per-phase wall time, jit cache growth, and optionally a cProfile.
+With --burst-steps S the engine runs S decode steps per jitted call; everything is reported per engine step.
 
 Random weights of a paper-scale shape (sparsespec_jax/benchmark/shapes.py), `--batch` requests placed at
 `--context` tokens, vanilla and pillar (replayed acceptance). Phases are timed by wrapping the engine's own
@@ -25,6 +26,7 @@ import numpy as np
 import sparsespec_jax.engine as engine_module
 from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
+from sparsespec_jax.benchmark.timed_window import per_step, run_steps
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
 from sparsespec_jax.spec.config import SpecConfig
@@ -51,7 +53,8 @@ def profile(method: str, cfg, params, args) -> None:
     length = context + args.warmup + args.steps + 100
     config = EngineConfig(dtype=args.dtype, max_batch_size=batch, kv_cache_tokens=batch * length,
                           max_model_len=length, max_num_batched_tokens=batch * 9, min_context_bucket=length,
-                          tensor_parallel=args.tensor_parallel, unroll_layers=args.unroll_layers)
+                          tensor_parallel=args.tensor_parallel, unroll_layers=args.unroll_layers,
+                          burst_steps=args.burst_steps)
     spec = SpecConfig(method=method, k=8, replay_acceptance=REPLAY if method != "none" else None)
     engine = Engine(cfg, params, placeholder_tokenizer(), config, spec)
     jitted = engine._step_fn
@@ -59,27 +62,29 @@ def profile(method: str, cfg, params, args) -> None:
     for owner, name, label in ((engine.scheduler, "schedule", "schedule"), (engine.scheduler, "apply", "apply"),
                                (engine_module, "build_unified_batch", "build"), (engine_module, "pack", "pack"),
                                (engine, "_sampling_arrays", "sampling"), (engine, "_read", "read (incl. wait)"),
-                               (engine, "_record", "record"), (engine.scheduler, "pages_short", "pages_short")):
+                               (engine, "_record", "record"), (engine.scheduler, "pages_short", "pages_short"),
+                               (engine, "_plan_burst", "plan burst"), (engine, "_read_burst", "read burst (incl. wait)"),
+                               (engine, "_record_burst", "record burst")):
         timed(owner, name, label, totals)
     place_at_context(engine, batch, context, args.warmup + args.steps + 50, seed=1)
-    for _ in range(args.warmup):
-        engine.step()
+    run_steps(engine, args.warmup)
     cache_before = jitted._cache_size()
     totals.clear()
+    first = len(engine.metrics.steps)
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
-    for _ in range(args.steps):
-        engine.step()
+    run_steps(engine, args.steps)
     if profiler:
         profiler.disable()
-    window = engine.metrics.steps[-args.steps:]
-    own = np.array([s.host_ms - s.dispatch_ms for s in window])
-    print(f"\n== {method}, batch {batch}, context {context}: host {np.median([s.host_ms for s in window]):.3f} ms/step "
-          f"(median), dispatch {np.median([s.dispatch_ms for s in window]):.3f}, host - dispatch median "
-          f"{np.median(own):.3f} mean {own.mean():.3f}, blocked {np.median([s.wait_ms for s in window]):.2f}, "
-          f"tokens/step {np.mean([s.tokens for s in window]):.0f}, jit cache {cache_before} -> {jitted._cache_size()}")
-    print("   per step, ms: " + "  ".join(f"{label} {1e3 * total / args.steps:.3f}" for label, total in totals.items()))
+    window = engine.metrics.steps[first:]
+    steps = sum(s.decode_steps for s in window)
+    host, dispatch = per_step(window, "host_ms"), per_step(window, "dispatch_ms")
+    print(f"\n== {method}, batch {batch}, context {context}, {args.burst_steps} steps per call: host {host:.3f} "
+          f"ms/step (mean over {steps} steps), dispatch {dispatch:.3f}, host - dispatch {host - dispatch:.3f}, "
+          f"blocked {per_step(window, 'wait_ms'):.2f}, tokens/step {per_step(window, 'tokens'):.0f}, "
+          f"jit cache {cache_before} -> {jitted._cache_size()}")
+    print("   per step, ms: " + "  ".join(f"{label} {1e3 * total / steps:.3f}" for label, total in totals.items()))
     if profiler:
         pstats.Stats(profiler).sort_stats("cumtime").print_stats(25)
 
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="devices the engine's heads are split over")
     parser.add_argument("--unroll-layers", action="store_true", help="trace every layer into the step (no loop)")
+    parser.add_argument("--burst-steps", type=int, default=1, help="decode steps per jitted call (decode_burst.py)")
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")

@@ -45,7 +45,7 @@ from sparsespec_jax.benchmark import roofline
 from sparsespec_jax.benchmark.jsonl import read_jsonl
 from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
-from sparsespec_jax.benchmark.timed_window import acceptance_summary, compile_split, time_window
+from sparsespec_jax.benchmark.timed_window import acceptance_summary, compile_split, per_step, time_window
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.loading import DEFAULT_MODEL, load_model
@@ -86,6 +86,7 @@ class BenchConfig:
     budget_ratio: float = 0.05
     min_budget: int = 128
     draft_min_context: int = 0                       # SpecConfig.draft_min_context of the draft methods
+    burst_steps: int = 1                             # EngineConfig.burst_steps of the throughput engines
     attention_backend: str = "auto"
     unroll_layers: bool = False                      # EngineConfig.unroll_layers of every engine
     min_batch_bucket: int = 8                        # EngineConfig.min_batch_bucket: fewer compiles vs padding
@@ -374,7 +375,8 @@ def _real_requests(model: RealModel, prompt_ids, method: str, config: BenchConfi
                                  kv_cache_tokens=batch * (max_len + config.k + PAGE_SIZE),
                                  max_num_batched_tokens=max(batch * (config.k + 1), prefill_tokens),
                                  prefill_chunk_size=prefill_chunk, page_size=PAGE_SIZE, sync_host=sync,
-                                 host_kv_tokens=0, seed=config.seed)
+                                 host_kv_tokens=0, seed=config.seed,
+                                 burst_steps=1 if sync or method == "ngram" else config.burst_steps)
     engine = Engine(model.config, model.params, model.tokenizer, engine_config, config.spec(method, replayed=False))
     requests = [engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
                                                        max_tokens=max_tokens, ignore_eos=True))
@@ -399,6 +401,7 @@ def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig,
             log(f"  {method} B{batch}{' sync' if sync else ''}: {last_report - started:.0f} s, "
                 f"step {engine.num_steps}, {sum(len(r.output_ids) for r in requests)} / {batch * max_tokens} tokens, "
                 f"{summary['compile_steps']} compiling steps took {summary['compile_steps_s']:.0f} s")
+    engine.drain()
     return engine, requests
 
 
@@ -413,18 +416,18 @@ def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, c
     steady, compiled, median = compile_split(steps)
     output_tokens = sum(len(r.output_ids) for r in requests)
     engine_s = sum(s.step_ms for s in steps) / 1e3
-    steady_s = engine_s - sum(s.step_ms - median for s in compiled) / 1e3
+    steady_s = engine_s - sum(s.step_ms - median * max(1, s.decode_steps) for s in compiled) / 1e3
     decode = [s for s in steady if not s.prefill_rows]
     point = {
         "workload": "real", "method": method, "batch": batch, "new_tokens": config.new_tokens,
-        "prompt_tokens_mean": prompt_mean, "output_tokens": output_tokens, "steps": len(steps),
+        "prompt_tokens_mean": prompt_mean, "output_tokens": output_tokens,
+        "steps": sum(s.decode_steps for s in steps),
         "engine_s": engine_s, "compile_steps": len(compiled),
         "compile_s": sum(s.step_ms for s in compiled) / 1e3, "median_step_ms": median,
         "tokens_per_s": output_tokens / steady_s, "tokens_per_s_e2e": output_tokens / engine_s,
-        "tokens_per_step": output_tokens / len(steps),
-        "step_ms": float(np.mean([s.step_ms for s in decode])) if decode else median,
-        "host_ms": float(np.mean([s.host_ms for s in steady])),
-        "dispatch_ms": float(np.mean([s.dispatch_ms for s in steady])),
+        "tokens_per_step": output_tokens / sum(s.decode_steps for s in steps),
+        "step_ms": per_step(decode, "step_ms") if decode else median,
+        "host_ms": per_step(steady, "host_ms"), "dispatch_ms": per_step(steady, "dispatch_ms"),
         "kv_tokens_used_mean": float(np.mean([s.kv_tokens_used for s in steps])),
         "kv_tokens_used_max": max(s.kv_tokens_used for s in steps),
         "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,
@@ -468,7 +471,8 @@ def _placed_engine(cfg: ModelConfig, params, batch: int, context: int, method: s
                                  max_batch_size=batch, max_model_len=max_len,
                                  kv_cache_tokens=batch * (max_len + PAGE_SIZE) + config.k,
                                  max_num_batched_tokens=batch * (config.k + 1), page_size=PAGE_SIZE,
-                                 sync_host=sync, host_kv_tokens=0, seed=config.seed)
+                                 sync_host=sync, host_kv_tokens=0, seed=config.seed,
+                                 burst_steps=1 if sync or method == "ngram" else config.burst_steps)
     engine = Engine(cfg, params, placeholder_tokenizer(), engine_config, config.spec(method, replayed=True))
     sampling = SamplingParams(temperature=config.temperature, max_tokens=1 << 30, ignore_eos=True)
     place_at_context(engine, batch, context, 1 << 30, seed=config.seed + 1, reserve=0, params=sampling)
@@ -554,18 +558,19 @@ def _window_point(engine: Engine, workload: str, method: str, batch: int, contex
         raise RuntimeError(f"bench {workload} B{batch} L{context} {method}: {batch - running} requests stopped "
                            f"during the window (length limit {engine.max_model_len}); the window would not "
                            f"measure batch {batch}")
-    grown_before = sum(s.emitted_tokens for s in engine.metrics.steps[:config.warmup]) / batch
+    before_window = engine.metrics.steps[:len(engine.metrics.steps) - len(window.steps)]
+    grown_before = sum(s.emitted_tokens for s in before_window) / batch
     timed, steady, compiled, median = window.steps, window.steady, window.compiled, window.median_ms
     seconds = window.seconds
     emitted = sum(s.emitted_tokens for s in steady)
     grown = grown_before + sum(s.emitted_tokens for s in timed) / batch / 2
     point = {
-        "workload": workload, "method": method, "batch": batch, "context": context, "steps_timed": len(steady),
+        "workload": workload, "method": method, "batch": batch, "context": context,
+        "steps_timed": sum(s.decode_steps for s in steady), "iterations_timed": len(steady),
         "compile_steps": len(compiled), "compile_s": sum(s.step_ms for s in compiled) / 1e3,
-        "median_step_ms": median, "step_ms": 1e3 * seconds / len(steady), "tokens_per_s": emitted / seconds,
-        "tokens_per_step": emitted / len(steady), "host_ms": float(np.mean([s.host_ms for s in steady])),
-        "dispatch_ms": float(np.mean([s.dispatch_ms for s in steady])),
-        "wait_ms": float(np.mean([s.wait_ms for s in steady])),
+        "median_step_ms": median, "step_ms": window.step_ms, "tokens_per_s": emitted / seconds,
+        "tokens_per_step": window.mean("emitted_tokens"), "host_ms": window.mean("host_ms"),
+        "dispatch_ms": window.mean("dispatch_ms"), "wait_ms": window.mean("wait_ms"),
         "kv_tokens_used_mean": float(np.mean([s.kv_tokens_used for s in timed])),
         "kv_tokens_used_max": max(s.kv_tokens_used for s in timed),
         "preemptions": engine.scheduler.num_preemptions, "offloads": engine.scheduler.num_offloads,

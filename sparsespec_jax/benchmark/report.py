@@ -194,6 +194,8 @@ def markdown(result: dict, targets: list[dict]) -> str:
              f"above 64 tokens)"
              + (f", draft methods decoding plainly below {config['draft_min_context']} tokens of context"
                 if config.get("draft_min_context") else "")
+             + (f", {config['burst_steps']} decode steps per device call in steady state (n-gram and the "
+                f"sync-mode windows: 1)" if config.get("burst_steps", 1) > 1 else "")
              + ". Copy bandwidth (jitted x*2 over "
              f"{result['copy_bandwidth']['array_bytes'] / 2 ** 20:.0f} MiB, 2 x bytes / median time): "
              f"{result['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s. Run time {result['elapsed_s']:.0f} s.", ""]

@@ -53,11 +53,16 @@ class StepComposition:
             raise ValueError("StepComposition.of_steps: no steps to average")
         if any(s.prefill_rows for s in steps):
             raise ValueError("StepComposition.of_steps: prefill steps have no decode composition")
-        verify_rows = float(np.mean([s.verify_rows for s in steps]))
-        verify_tokens = float(np.mean([s.tokens - s.draft_rows - s.decode_rows for s in steps]))
-        return cls(draft_rows=float(np.mean([s.draft_rows for s in steps])), verify_rows=verify_rows,
+        num_steps = sum(s.decode_steps for s in steps)     # a burst iteration counts as its steps
+
+        def mean(values) -> float:
+            return float(sum(values)) / num_steps
+
+        verify_rows = mean(s.verify_rows for s in steps)
+        verify_tokens = mean(s.tokens - s.draft_rows - s.decode_rows for s in steps)
+        return cls(draft_rows=mean(s.draft_rows for s in steps), verify_rows=verify_rows,
                    verify_tokens=verify_tokens / verify_rows if verify_rows else 0.0,
-                   decode_rows=float(np.mean([s.decode_rows for s in steps])), context=float(context))
+                   decode_rows=mean(s.decode_rows for s in steps), context=float(context))
 
     def as_dict(self) -> dict:
         return {name: round(value, 3) for name, value in dataclasses.asdict(self).items()}

@@ -29,9 +29,15 @@ def read_profile(path: Path) -> list[dict]:
     return records
 
 
-def tokens_series(steps: Sequence[StepMetrics | Mapping]) -> list[int]:
-    """Tokens fed per step, in step order."""
-    return [s["tokens"] if isinstance(s, Mapping) else s.tokens for s in steps]
+def tokens_series(steps: Sequence[StepMetrics | Mapping]) -> list[float]:
+    """Tokens fed per step, in step order; a burst iteration (decode_burst.py) gives its mean per step, once
+    for each of its steps."""
+    series = []
+    for s in steps:
+        tokens, count = (s["tokens"], s.get("decode_steps", 1)) if isinstance(s, Mapping) else (s.tokens,
+                                                                                               s.decode_steps)
+        series += [tokens / count] * count if count > 1 else [tokens]
+    return series
 
 
 def plot_tokens_per_step(series: Mapping[str, Sequence[int]], path: Path, title: str = "Tokens fed per step") -> Path:

@@ -14,12 +14,25 @@ from sparsespec_jax.engine import Engine
 from sparsespec_jax.step_metrics import StepMetrics
 
 
+def per_step(steps: list[StepMetrics], field: str) -> float:
+    """A StepMetrics field per engine step: a burst iteration (decode_burst.py) counts as its steps."""
+    return sum(getattr(s, field) for s in steps) / max(1, sum(s.decode_steps for s in steps))
+
+
+def run_steps(engine: Engine, steps: int) -> None:
+    """Iterate the engine until it has run `steps` engine steps (an idle iteration counts as one)."""
+    done = 0
+    while done < steps:
+        engine.step()
+        done += max(1, engine.metrics.steps[-1].decode_steps)
+
+
 def compile_split(steps: list[StepMetrics]) -> tuple[list, list, float]:
-    """(steady steps, compile steps, median ms of the steady steps): a compile step is one during which XLA
-    compiled a program: a new step shape, or a first offload or restore (StepMetrics.compiled)."""
+    """(steady steps, compile steps, median ms per engine step of the steady ones): a compile step is one during
+    which XLA compiled a program: a new step shape, or a first offload or restore (StepMetrics.compiled)."""
     steady = [s for s in steps if not s.compiled]
     compiled = [s for s in steps if s.compiled]
-    median = float(np.median([s.step_ms for s in steady or steps]))
+    median = float(np.median([s.step_ms / max(1, s.decode_steps) for s in steady or steps]))
     return steady, compiled, median
 
 
@@ -50,21 +63,19 @@ class TimedWindow:
 
     @property
     def step_ms(self) -> float:
-        return 1e3 * self.seconds / len(self.steady)
+        return per_step(self.steady, "step_ms")
 
     def mean(self, field: str) -> float:
-        """Mean of a StepMetrics field over the steady steps."""
-        return float(np.mean([getattr(s, field) for s in self.steady]))
+        """A StepMetrics field per engine step over the steady iterations."""
+        return per_step(self.steady, field)
 
 
 def time_window(engine: Engine, warmup: int, steps: int) -> TimedWindow:
-    """Run `warmup` untimed steps, then `steps` timed ones."""
-    for _ in range(warmup):
-        engine.step()
+    """Run `warmup` untimed engine steps, then `steps` timed ones (whole bursts: a window may run a few more)."""
+    run_steps(engine, warmup)
     first = len(engine.metrics.steps)
     before = engine.acceptance_counts.copy()
-    for _ in range(steps):
-        engine.step()
+    run_steps(engine, steps)
     timed = engine.metrics.steps[first:]
     steady, compiled, median = compile_split(timed)
     return TimedWindow(timed, steady, compiled, median, engine.acceptance_counts - before)

@@ -1,0 +1,130 @@
+"""Decode bursts (several steady-state steps per jitted call, planned on the device) never change what is
+generated, and the host's copy of the cycle counters stays the device's.
+
+The batch churns: 20 requests of mixed prompt and output lengths through 8 slots, so the engine enters and
+leaves bursts many times (admissions, finishes, a small KV pool), and requests reach their length limits and
+stop tokens inside bursts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import FACTS_PROMPT, generate, run_requests
+from sparsespec_jax.decode_burst import advance_cycles
+from sparsespec_jax.sampling import SamplingParams
+
+NUM_REQUESTS = 20
+ENGINE = dict(max_batch_size=8, kv_cache_tokens=2048, max_model_len=160, page_size=8, min_context_bucket=128,
+              prefill_chunk_size=64)
+SPARSE = dict(spec_k=4, min_budget=24, budget_ratio=0.05)
+
+
+def workload(tokenizer, stop_ids=()):
+    words = (FACTS_PROMPT + " The river bends twice before it meets the sea, and the town on its bank is old.").split()
+    rng = np.random.default_rng(11)
+    prompts, params = [], []
+    for _ in range(NUM_REQUESTS):
+        start = int(rng.integers(0, len(words) - 12))
+        prompts.append(tokenizer.encode(" ".join(words[start:start + int(rng.integers(3, 12))])))
+        params.append(SamplingParams(temperature=0, max_tokens=int(rng.integers(8, 70)), ignore_eos=not stop_ids,
+                                     stop_token_ids=list(stop_ids)))
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def vanilla(make_engine, smollm2):
+    prompts, params = workload(smollm2.tokenizer)
+    return prompts, params, generate(make_engine("none", sync_host=True, **ENGINE), prompts, params)
+
+
+def bursts_run(engine) -> int:
+    return sum(s.decode_steps > 1 for s in engine.metrics.steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, mode", [
+    ("none", dict(burst_steps=4)),
+    ("pillar", dict(burst_steps=4)),
+    ("pillar", dict(burst_steps=3, sync_host=True)),
+    ("streaming", dict(burst_steps=5)),
+    ("pillar", dict(burst_steps=4, kv_cache_tokens=320, host_kv_tokens=4096)),   # pages run short: offloads
+], ids=["none", "pillar", "pillar-sync", "streaming", "pillar-offload"])
+def test_bursts_reproduce_vanilla(method, mode, vanilla, make_engine):
+    prompts, params, expected = vanilla
+    engine = make_engine(method, **SPARSE, **{**ENGINE, **mode})
+    requests = run_requests(engine, prompts, params)
+    assert [r.output_ids for r in requests] == expected
+    assert bursts_run(engine) >= 5, "the workload should run in bursts for a good part"
+    steps = engine.metrics.steps
+    # Row counts of bursts are corrected to the rows that ran: verifies match the acceptance histogram.
+    assert engine.acceptance_counts.sum() == sum(r.stats.verifies for r in requests) == \
+        sum(s.verify_rows for s in steps)
+    assert sum(r.stats.decodes for r in requests) == sum(s.decode_rows for s in steps)
+    # Tokens emitted past a length limit inside a burst are dropped: stats may explain more tokens, never fewer.
+    for request in requests:
+        stats = request.stats
+        explained = stats.accepted_tokens + stats.verifies + stats.decodes + 1
+        assert 0 <= explained - len(request.output_ids) <= SPARSE["spec_k"]
+    if "kv_cache_tokens" in mode:
+        assert engine.scheduler.num_offloads > 0 and engine.num_restores > 0
+
+
+@pytest.mark.slow
+def test_bursts_stop_at_stop_tokens_like_vanilla(make_engine, smollm2):
+    """A stop token sampled inside a burst ends the request exactly where vanilla decoding ends it; what the
+    burst sampled after it is dropped."""
+    prompts, params = workload(smollm2.tokenizer)
+    free_run = generate(make_engine("none", sync_host=True, **ENGINE), prompts, params)
+    tokens = [t for out in free_run for t in out[5:]]
+    stop = int(np.bincount(tokens).argmax())               # a token the outputs do produce, mid-stream
+    prompts, params = workload(smollm2.tokenizer, stop_ids=[stop])
+    expected = generate(make_engine("none", sync_host=True, **ENGINE), prompts, params)
+    engine = make_engine("pillar", burst_steps=4, **SPARSE, **ENGINE)
+    requests = run_requests(engine, prompts, params)
+    assert [r.output_ids for r in requests] == expected
+    stopped = [r for r in requests if r.finish_reason == "stop"]
+    assert all(r.output_ids[-1] in engine.eos_token_ids | {stop} for r in stopped)
+    assert sum(r.output_ids[-1] == stop for r in stopped) >= 3
+    assert bursts_run(engine) > 0
+
+
+@pytest.mark.slow
+def test_host_counters_follow_the_device(make_engine, smollm2):
+    """Mid-run, the host's copy of each request's cycle counters (advanced without reading the device) and of
+    its committed position (learned from outputs) equal the device's counters."""
+    prompts, params = workload(smollm2.tokenizer)
+    engine = make_engine("pillar", burst_steps=3, **SPARSE, **ENGINE)
+    for ids, p in zip(prompts[:8], params[:8]):
+        engine.add_request(ids, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
+    checked = 0
+    while engine.has_unfinished() and checked < 3:
+        engine.step()
+        if engine._in_burst and engine._in_flight is not None:
+            engine._settle()                           # every burst read: the host's newest is exact
+            slots = np.flatnonzero(engine.table.active)
+            counters = engine.counters
+            np.testing.assert_array_equal(np.asarray(counters.newest)[slots], engine._burst_newest[slots])
+            np.testing.assert_array_equal(np.asarray(counters.draft_index)[slots],
+                                          engine._burst_draft_index[slots])
+            np.testing.assert_array_equal(np.asarray(counters.sit_out)[slots], engine._burst_sit_out[slots])
+            checked += 1
+    assert checked == 3
+
+
+def test_advance_cycles_drafts_verifies_then_sits_out():
+    verifies, drafts, draft_index, sit_out = advance_cycles(np.array([0, 3, 4, 0]), np.array([0, 0, 0, 1]), k=4,
+                                                            stall_steps=1, steps=7)
+    # request 0 drafts 4 steps, verifies, sits out one, drafts; request 2 verifies at once and 6 steps later;
+    # request 3 sits out first.
+    assert verifies[:, 0].tolist() == [False, False, False, False, True, False, False]
+    assert drafts[:, 0].tolist() == [True, True, True, True, False, False, True]
+    assert verifies[:, 2].tolist() == [True, False, False, False, False, False, True]
+    assert drafts[:, 3].tolist() == [False, True, True, True, True, False, False]
+    assert draft_index.tolist() == [1, 4, 0, 0] and sit_out.tolist() == [0, 0, 1, 0]
+
+
+def test_bursts_refuse_host_made_drafts(make_engine):
+    with pytest.raises(ValueError, match="burst_steps"):
+        make_engine("ngram", burst_steps=4, **SPARSE, **ENGINE)
