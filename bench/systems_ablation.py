@@ -151,8 +151,9 @@ def main() -> None:
                     f"at {args.context} tokens, {args.warmup} warm-up + {args.steps} timed steps per row, device "
                     f"pool batch x (context + {args.headroom}) tokens. Verify outcomes REPLAYED from {args.replay} "
                     f"(accepted 0..k), not computed. Device ms/step: median wait of a sync-mode engine of the row's "
-                    f"configuration (one step per call) right after each dispatch, over {args.device_steps} steps. Decoder layers "
-                    f"{'unrolled' if args.unroll_layers else 'in a loop'}. Script: bench/systems_ablation.py.\n\n"
+                    f"configuration (one step per call) right after each dispatch, over {args.device_steps} steps. "
+                    f"Decoder layers {'unrolled' if args.unroll_layers else 'in a loop'}. Script: "
+                    f"bench/systems_ablation.py.\n\n"
                     + markdown_table(header, rows))
         write_result(args.name, {"device": device, "date": today(), "args": vars(args), "rows": results}, markdown)
         plot_tokens_per_step({r["configuration"]: r["tokens_fed_per_timed_step"][:args.plot_steps] for r in results},

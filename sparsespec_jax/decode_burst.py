@@ -122,9 +122,9 @@ def _sub_step_batch(newest, draft_index, sit_out, inputs: BurstInputs, k: int, s
                              write_slots=write_slots, page_size=page_size, max_q_len=width)
     drafts = DraftRows(token=entry[:sparse_group], slot=sparse_slot, draft_index=draft_index[:sparse_group],
                        position=(sparse_positions + 1)[:sparse_group], cycle_start=newest[:sparse_group])
-    emits = EmitRows(first_token=jnp.where(row_valid, sparse_group + q_start, 0), slot=row_slot, num_drafts=jnp.where(row_valid, k, 0),
-                     position=jnp.where(row_valid, row_newest + 1, 0), refresh=row_valid & (k > 0),
-                     any_refresh=k > 0, width=width)
+    emits = EmitRows(first_token=jnp.where(row_valid, sparse_group + q_start, 0), slot=row_slot,
+                     num_drafts=jnp.where(row_valid, k, 0), position=jnp.where(row_valid, row_newest + 1, 0),
+                     refresh=row_valid & (k > 0), any_refresh=k > 0, width=width)
     batch = UnifiedBatch(tokens=jnp.zeros(positions.shape, jnp.int32), window_index=window_index,
                          positions=positions, write_slots=write_slots, sparse=sparse, meta=meta, drafts=drafts,
                          emits=emits)

@@ -63,7 +63,8 @@ def profile(method: str, cfg, params, args) -> None:
                                (engine_module, "build_unified_batch", "build"), (engine_module, "pack", "pack"),
                                (engine, "_sampling_arrays", "sampling"), (engine, "_read", "read (incl. wait)"),
                                (engine, "_record", "record"), (engine.scheduler, "pages_short", "pages_short"),
-                               (engine, "_plan_burst", "plan burst"), (engine, "_read_burst", "read burst (incl. wait)"),
+                               (engine, "_plan_burst", "plan burst"),
+                               (engine, "_read_burst", "read burst (incl. wait)"),
                                (engine, "_record_burst", "record burst")):
         timed(owner, name, label, totals)
     place_at_context(engine, batch, context, args.warmup + args.steps + 50, seed=1)
