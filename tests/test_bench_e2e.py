@@ -279,3 +279,17 @@ def test_a_window_whose_batch_shrinks_is_refused():
     engine.scheduler.finish(engine.scheduler.running[0])      # one of the two stops before the window ends
     with pytest.raises(RuntimeError, match="1 requests stopped during the window"):
         e2e._window_point(engine, "shaped", "none", 2, 96, config)
+
+
+def test_burst_windows_are_accounted_per_engine_step(tmp_path):
+    """With decode bursts an iteration runs several engine steps: a window times whole steps, and its per-step
+    figures agree with its throughput (tokens/s = tokens per step / step time) as they do without bursts."""
+    assert main(["bench", "--smoke", "--workload", "shaped", "--methods", "none", "pillar", "--burst-steps", "4",
+                 "--out", str(tmp_path), "--name", "bursts"]) == EXIT_OK
+    result = json.loads((tmp_path / "bursts.json").read_text())
+    assert result["failed"] == [] and result["config"]["burst_steps"] == 4
+    for p in result["points"]:
+        assert 0 < p["iterations_timed"] < p["steps_timed"]          # bursts ran (steps without compiles)
+        assert p["tokens_per_s"] == pytest.approx(p["tokens_per_step"] / p["step_ms"] * 1e3, rel=1e-6)
+        assert p["host_ms"] < p["step_ms"] and 0 < p["roofline_fraction"] < 10
+    assert "4 decode steps per device call" in (tmp_path / "bursts.md").read_text()
