@@ -453,15 +453,19 @@ class Engine:
     def _count_burst_rows(self, in_flight: _BurstInFlight, valid: np.ndarray, counts: np.ndarray) -> None:
         """Replace the planned row counts of a burst's metrics by the rows that ran: a request stops taking
         rows once its newest token reaches its limit, which the host learns only from the outputs."""
-        plan, metrics, k = in_flight.plan, in_flight.metrics, self.width - 1
+        plan, metrics = in_flight.plan, in_flight.metrics
         slots = plan.slot[valid]
         newest = self._burst_newest[slots][:, None] + np.cumsum(counts, axis=1) - counts   # before each sub-step
         live = (newest + 1 < self.table.cap[slots][:, None]).T                              # [steps, A]
-        verifies = int((plan.verifies[:, valid] & live).sum())
-        drafts = int((plan.drafts[:, valid] & live).sum())
-        metrics.tokens = verifies * (k + 1) + drafts
-        metrics.draft_rows = drafts
-        metrics.verify_rows, metrics.decode_rows = (verifies, 0) if k else (0, verifies)
+        self._set_burst_rows(metrics, plan.verifies[:, valid] & live, plan.drafts[:, valid] & live)
+
+    def _set_burst_rows(self, metrics: StepMetrics, verifies: np.ndarray, drafts: np.ndarray) -> None:
+        """A burst's row counts from its [steps, A] verify and draft masks (verify rows are plain decodes
+        without drafts)."""
+        num_verifies, num_drafts, k = int(verifies.sum()), int(drafts.sum()), self.width - 1
+        metrics.tokens = num_verifies * (k + 1) + num_drafts
+        metrics.draft_rows = num_drafts
+        metrics.verify_rows, metrics.decode_rows = (num_verifies, 0) if k else (0, num_verifies)
 
     def _leave_bursts(self) -> list[Request]:
         """Read every burst in flight and hand the running cycles back to the slot table."""
@@ -484,11 +488,11 @@ class Engine:
 
     def _burst_metrics(self, plan: BurstPlan) -> StepMetrics:
         """A burst's iteration metrics with its planned rows (corrected on read); timing filled at its end."""
-        verifies, drafts, k = int(plan.verifies.sum()), int(plan.drafts.sum()), self.width - 1
-        return StepMetrics(step=self.num_steps, host_ms=0.0, dispatch_ms=0.0, wait_ms=0.0, step_ms=0.0,
-                           tokens=verifies * (k + 1) + drafts, prefill_rows=0, draft_rows=drafts,
-                           verify_rows=verifies if k else 0, decode_rows=0 if k else verifies, emitted_tokens=0,
-                           kv_tokens_used=0, kv_tokens_offloaded=0, decode_steps=plan.steps)
+        metrics = StepMetrics(step=self.num_steps, host_ms=0.0, dispatch_ms=0.0, wait_ms=0.0, step_ms=0.0,
+                              tokens=0, prefill_rows=0, draft_rows=0, verify_rows=0, decode_rows=0, emitted_tokens=0,
+                              kv_tokens_used=0, kv_tokens_offloaded=0, decode_steps=plan.steps)
+        self._set_burst_rows(metrics, plan.verifies, plan.drafts)
+        return metrics
 
     def _record_burst(self, started: float, metrics: StepMetrics, compilations: int) -> None:
         elapsed = (time.perf_counter() - started) * 1e3

@@ -158,6 +158,11 @@ class BenchConfig:
         for method in self.methods:
             self.spec(method, replayed="shaped" in self.workloads)     # every spec must be valid now, not mid-run
 
+    def engine_burst_steps(self, method: str, sync: bool) -> int:
+        """EngineConfig.burst_steps of an engine: 1 for sync-mode windows (device time per step) and n-gram
+        (its drafts come from the host), burst_steps otherwise."""
+        return 1 if sync or method == "ngram" else self.burst_steps
+
     def spec(self, method: str, replayed: bool) -> SpecConfig:
         """The method's SpecConfig; `replayed` (shaped workload) adds its acceptance distribution."""
         replay = None
@@ -376,7 +381,7 @@ def _real_requests(model: RealModel, prompt_ids, method: str, config: BenchConfi
                                  max_num_batched_tokens=max(batch * (config.k + 1), prefill_tokens),
                                  prefill_chunk_size=prefill_chunk, page_size=PAGE_SIZE, sync_host=sync,
                                  host_kv_tokens=0, seed=config.seed,
-                                 burst_steps=1 if sync or method == "ngram" else config.burst_steps)
+                                 burst_steps=config.engine_burst_steps(method, sync))
     engine = Engine(model.config, model.params, model.tokenizer, engine_config, config.spec(method, replayed=False))
     requests = [engine.add_request(ids, SamplingParams(temperature=config.temperature, seed=config.seed + i,
                                                        max_tokens=max_tokens, ignore_eos=True))
@@ -472,7 +477,7 @@ def _placed_engine(cfg: ModelConfig, params, batch: int, context: int, method: s
                                  kv_cache_tokens=batch * (max_len + PAGE_SIZE) + config.k,
                                  max_num_batched_tokens=batch * (config.k + 1), page_size=PAGE_SIZE,
                                  sync_host=sync, host_kv_tokens=0, seed=config.seed,
-                                 burst_steps=1 if sync or method == "ngram" else config.burst_steps)
+                                 burst_steps=config.engine_burst_steps(method, sync))
     engine = Engine(cfg, params, placeholder_tokenizer(), engine_config, config.spec(method, replayed=True))
     sampling = SamplingParams(temperature=config.temperature, max_tokens=1 << 30, ignore_eos=True)
     place_at_context(engine, batch, context, 1 << 30, seed=config.seed + 1, reserve=0, params=sampling)

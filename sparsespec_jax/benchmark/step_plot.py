@@ -7,6 +7,8 @@ cycles keep every step near B·(2k+1)/(k+1) tokens.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -34,9 +36,9 @@ def tokens_series(steps: Sequence[StepMetrics | Mapping]) -> list[float]:
     for each of its steps."""
     series = []
     for s in steps:
-        tokens, count = (s["tokens"], s.get("decode_steps", 1)) if isinstance(s, Mapping) else (s.tokens,
-                                                                                               s.decode_steps)
-        series += [tokens / count] * count if count > 1 else [tokens]
+        record = s if isinstance(s, Mapping) else dataclasses.asdict(s)
+        count = record.get("decode_steps", 1)
+        series += [record["tokens"] / count] * count if count > 1 else [record["tokens"]]
     return series
 
 
