@@ -3,9 +3,9 @@
 Each iteration plans one step, dispatches the jitted unified step and, when running ahead (the default), reads
 the previous step's results while this one runs on the device: the host never sits on the critical path in
 steady state. With `sync_host` it reads each step's results before planning the next (the ablation baseline).
-With `burst_steps` > 1 an iteration in which every request is decoding runs that many steps in one call
-(decode_burst.py); the slot table hands its requests' cycles to the device counters and takes them back when
-the batch needs single steps again (an admission, an eviction, a prompt chunk).
+With `burst_steps` > 1 (the default on one GPU) an iteration in which every request is decoding runs that many
+steps in one call (decode_burst.py); the slot table hands its requests' cycles to the device counters and takes
+them back when the batch needs single steps again (an admission, a restore, an eviction, a prompt chunk).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from flax import nnx
 
 from sparsespec_jax.attention import check_backend_name, resolve_backend
 from sparsespec_jax.config import ModelConfig
-from sparsespec_jax.decode_burst import (BurstCounters, BurstInputs, BurstPlan, advance_cycles, make_burst_fn,
-                                         seed_counters)
+from sparsespec_jax.decode_burst import (BurstCounters, BurstInputs, BurstPlan, advance_cycles, auto_burst_steps,
+                                         balance_phases, make_burst_fn, seed_counters)
 from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
 from sparsespec_jax.kv_offload import HostKVPool, gather_pages, scatter_pages
@@ -68,7 +68,8 @@ class EngineConfig:
     host_kv_tokens: int = 65536               # host memory pool for offloaded KV (0: preempt and recompute)
     tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
     unroll_layers: bool = False               # trace every layer into the step (see Transformer)
-    burst_steps: int = 1                      # decode steps per jitted call in steady state (decode_burst.py)
+    burst_steps: int | None = None            # decode steps per jitted call in steady state (decode_burst.py);
+                                              # None: auto_burst_steps (8 on one GPU, else 1)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -77,6 +78,8 @@ class EngineConfig:
                      "prefill_chunk_size", "min_context_bucket", "min_batch_bucket", "row_buckets_per_doubling",
                      "tensor_parallel", "burst_steps"):
             value = getattr(self, name)
+            if name == "burst_steps" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if not isinstance(self.host_kv_tokens, int) or self.host_kv_tokens < 0:
@@ -165,10 +168,12 @@ class Engine:
                             unroll_layers=config.unroll_layers)
         self.graphdef, self.state = nnx.split(model)
         self._step_fn = make_step_fn(self.graphdef, spec, self.backend)
-        if config.burst_steps > 1 and spec.method == "ngram":
+        if config.burst_steps is not None and config.burst_steps > 1 and spec.method == "ngram":
             raise ValueError("burst_steps: n-gram drafts are proposed by the host at every step; decode bursts "
                              "need drafts made on the device (pillar, streaming) or none (method none)")
-        self._burst_fn = make_burst_fn(self.graphdef, spec, self.backend) if config.burst_steps > 1 else None
+        self.burst_steps = config.burst_steps or auto_burst_steps(self.mesh.devices.flat[0].platform,
+                                                                  config.tensor_parallel, spec.method)
+        self._burst_fn = make_burst_fn(self.graphdef, spec, self.backend) if self.burst_steps > 1 else None
         # Every jitted program an iteration may run. Offloading and restoring compile theirs on first use, inside
         # an iteration like a new step shape does, so an iteration is flagged as compiling if any of them grew.
         self._programs = (self._step_fn, _copy_out, gather_pages, scatter_pages, _read_set, _write_set,
@@ -187,7 +192,7 @@ class Engine:
         self.slot_state = create_on_mesh(slot_state, self.mesh)
         num_slots = config.max_batch_size + 1
         if self._burst_fn is not None:
-            self.counters = create_on_mesh(lambda: BurstCounters.create(num_slots, k, config.burst_steps), self.mesh)
+            self.counters = create_on_mesh(lambda: BurstCounters.create(num_slots, k, self.burst_steps), self.mesh)
         # The host's copy of the burst counters (decode_burst.py): newest as of the last burst read, the others
         # as of the last one dispatched; verifies dispatched but not read bound each request's growth.
         self._burst_newest = np.zeros(num_slots, np.int64)
@@ -292,15 +297,16 @@ class Engine:
         self._waited, self._taken, self._dispatch_s = 0.0, 0, 0.0
         finished: list[Request] = []
         if self._burst_fn is not None and (self._in_burst or self._burst_candidate()):
-            if not self._in_burst and self._in_flight is not None:
+            if not self._in_burst and self._in_flight is not None and self._entry_fits():
                 finished += self._settle()              # entering needs every request's counters on the host
-            burst = self._plan_burst()
+            burst = self._plan_burst() if self._in_burst or self._in_flight is None else None
             if burst is not None:
                 metrics = self._burst_metrics(burst)
                 finished += self._run_burst(burst, metrics)
                 self._record_burst(started, metrics, compilations)
                 return finished
-            finished += self._leave_bursts()
+            if self._in_burst:
+                finished += self._leave_bursts()
             self._next_burst_try = self.scheduler.step_index + self.scheduler.policy.cycle_length
         if self._in_flight is not None and self.scheduler.pages_short():
             finished += self._settle()                  # evicting needs every request's state on the host
@@ -333,9 +339,10 @@ class Engine:
 
     # -- decode bursts (decode_burst.py) ---------------------------------------------------------------
     def _burst_blocked(self) -> bool:
-        """Whether the scheduler has work a burst cannot do: admitting or restoring a request."""
+        """Whether the scheduler has work a burst cannot do: restoring a request that fits now, or admitting
+        one (offloaded requests come first). An offloaded request that does not fit yet waits either way."""
         scheduler = self.scheduler
-        return bool(scheduler.offloaded) or bool(scheduler.waiting and scheduler.free_slots)
+        return scheduler.can_restore() or bool(scheduler.waiting and scheduler.free_slots and not scheduler.offloaded)
 
     def _burst_candidate(self) -> bool:
         """Whether every running request is decoding in the steady state a burst continues: past its prompt,
@@ -352,10 +359,37 @@ class Engine:
             steady &= (table.draft_index[slots] < 0) | (table.cycle_drafts[slots] == k)
         return bool(steady.all())
 
+    def _entry_counters(self, slots: np.ndarray):
+        """The cycle counters a burst entered now starts from, read from the slot table (exact once settled),
+        with the phases balanced for the burst's shorter cycle: (newest, draft_index, sit_out)."""
+        table, k = self.table, self.width - 1
+        draft_index = np.maximum(table.draft_index[slots], 0) if k else np.zeros(len(slots), np.int64)
+        sit_out = np.maximum(table.resume_step[slots] - self.scheduler.step_index, 0)
+        return table.computed[slots], draft_index, sit_out + balance_phases(draft_index, sit_out, k)
+
+    def _burst_tokens(self, slots, newest, draft_index, sit_out, unread):
+        """The burst's cycles from these counters and the tokens each request can reach by its end, every draft
+        accepted (`unread`: its verifies in bursts not read yet): (advance_cycles' four results, tokens)."""
+        k = self.width - 1
+        cycles = advance_cycles(draft_index, sit_out, k, self.burst_steps)
+        return cycles, newest + (k + 1) * (unread + cycles[0].sum(0) + 1)   # and the cycle after
+
+    def _pages_cover(self, slots: np.ndarray, tokens: np.ndarray) -> bool:
+        target = np.minimum(tokens, self.table.cap[slots])
+        return int(self.table.pages_short_of(slots, target).sum()) <= self.allocator.num_free
+
+    def _entry_fits(self) -> bool:
+        """Whether the pool could hold a burst entered now, judged before settling the step in flight (its
+        outcomes can only raise the need; pages its finished requests free count at the next try): entering
+        settles the pipeline, which is wasted if pages are short."""
+        slots = np.flatnonzero(self.table.active)
+        newest, draft_index, sit_out = self._entry_counters(slots)
+        return self._pages_cover(slots, self._burst_tokens(slots, newest, draft_index, sit_out, 0)[1])
+
     def _plan_burst(self) -> BurstPlan | None:
         """Plan the next burst and grant its pages, or None when the batch is not in steady decoding or the
         pool cannot hold every request's worst case over the burst (single steps then evict)."""
-        table, scheduler, k = self.table, self.scheduler, self.width - 1
+        table = self.table
         if self._burst_blocked():
             return None
         slots = np.flatnonzero(table.active)
@@ -365,20 +399,16 @@ class Engine:
         if not self._in_burst:
             if not self._burst_candidate() or table.awaiting[slots].any() or table.pending[slots].any():
                 return None
-            newest = table.computed[slots]
-            draft_index = np.maximum(table.draft_index[slots], 0) if k else np.zeros(len(slots), np.int64)
-            sit_out = np.maximum(table.resume_step[slots] - scheduler.step_index, 0)
+            newest, draft_index, sit_out = self._entry_counters(slots)
+            unread = np.zeros(len(slots), np.int64)
         else:
-            newest, draft_index, sit_out = (self._burst_newest[slots], self._burst_draft_index[slots],
-                                            self._burst_sit_out[slots])
-        verifies, drafts, next_draft_index, next_sit_out = advance_cycles(
-            draft_index, sit_out, k, scheduler.policy.stall_steps if k else 0, self.config.burst_steps)
-        unread = (self._burst_unread[slots] if self._in_burst else 0) + verifies.sum(0)
-        tokens = newest + (k + 1) * (unread + 1)           # every draft accepted, and the cycle after
-        target = np.minimum(tokens, table.cap[slots])
-        if int(table.pages_short_of(slots, target).sum()) > self.allocator.num_free:
+            newest, draft_index, sit_out, unread = (self._burst_newest[slots], self._burst_draft_index[slots],
+                                                    self._burst_sit_out[slots], self._burst_unread[slots])
+        (verifies, drafts, next_draft_index, next_sit_out), tokens = self._burst_tokens(slots, newest, draft_index,
+                                                                                        sit_out, unread)
+        if not self._pages_cover(slots, tokens):
             return None
-        table.grow(slots, target)
+        table.grow(slots, np.minimum(tokens, table.cap[slots]))
         if not self._in_burst:      # padded to a row bucket (the spare slot takes the padding): few compiles
             entries, spare = self.limits.rows(len(slots)), self.config.max_batch_size
             self.counters = seed_counters(self.counters, rows_array(slots, spare, entries),
@@ -406,8 +436,7 @@ class Engine:
         buffer, layout = pack(inputs)
         dispatched = time.perf_counter()
         self.kv, self.slot_state, self.counters = self._burst_fn(
-            self.state, self.kv, self.slot_state, self.counters, buffer, layout, plan.steps,
-            self.scheduler.policy.stall_steps if k else 0)
+            self.state, self.kv, self.slot_state, self.counters, buffer, layout, plan.steps)
         outputs = _copy_out(self.counters.outputs)
         self._dispatch_s = time.perf_counter() - dispatched
         outputs.copy_to_host_async()
@@ -470,8 +499,6 @@ class Engine:
     def _leave_bursts(self) -> list[Request]:
         """Read every burst in flight and hand the running cycles back to the slot table."""
         finished = self._settle() if self._in_flight is not None else []
-        if not self._in_burst:
-            return finished
         self._in_burst = False
         table, k = self.table, self.width - 1
         slots = np.flatnonzero(table.active)
@@ -484,6 +511,10 @@ class Engine:
         table.draft_index[slots] = np.where(draft_index > 0, draft_index, -1)
         table.cycle_drafts[slots] = np.where(draft_index > 0, k, 0)
         table.resume_step[slots] = self.scheduler.step_index + self._burst_sit_out[slots]
+        # The host's cycles are longer (they sit out after each verify): a request in mid-cycle keeps the phase
+        # its verify lands on; one between cycles picks a phase again, as a new request does.
+        verify_step = table.resume_step[slots] + k - draft_index
+        table.phase[slots] = np.where(draft_index > 0, verify_step % self.scheduler.policy.cycle_length, -1)
         return finished
 
     def _burst_metrics(self, plan: BurstPlan) -> StepMetrics:

@@ -24,7 +24,7 @@ class LLM:
                  prefill_chunk_size: int = 128, attention_backend: str = "auto", seed: int = 0,
                  spec: SpecConfig | None = None, scheduler: str = "unified", sync_host: bool = False,
                  host_kv_tokens: int = 65536, tensor_parallel: int = 1, unroll_layers: bool = False,
-                 burst_steps: int = 1):
+                 burst_steps: int | None = None):
         spec = spec or SpecConfig()
         # Room for every slot to verify in the same step (phased scheduling needs it; unified rarely does).
         rows_tokens = max_batch_size * (spec.k + 1 if spec.speculative else 1)

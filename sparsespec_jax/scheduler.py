@@ -288,6 +288,13 @@ class Scheduler:
         table.grow(rows["slot"], target[alive])
         return rows
 
+    def can_restore(self) -> bool:
+        """Whether the oldest offloaded request fits now: a free slot, and pages for its KV and one cycle."""
+        if not (self.offloaded and self.free_slots):
+            return False
+        needed = self.allocator.pages_needed(self.offloaded[0].num_computed + self.policy.k + 1, 0)
+        return needed <= self.allocator.num_free
+
     def pages_short(self) -> bool:
         """Whether this step might need more pages than are free (so an eviction may be ahead): an upper bound
         of every running request's growth, whatever its next row turns out to be."""
@@ -343,11 +350,8 @@ class Scheduler:
                 continue                                             # evicted itself
             groups.append(self._stamp(self._prompt_chunk(request, start, n)))
             budget -= n
-        while self.offloaded and self.free_slots:
-            request = self.offloaded[0]
-            if self.allocator.pages_needed(request.num_computed + self.policy.k + 1, 0) > self.allocator.num_free:
-                break
-            self.offloaded.popleft()
+        while self.can_restore():
+            request = self.offloaded.popleft()
             self.admit(request)
             table.grow(np.array([request.slot]), np.array([request.num_computed]))
             self.restore(request)

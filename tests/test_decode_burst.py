@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import FACTS_PROMPT, generate, run_requests
-from sparsespec_jax.decode_burst import advance_cycles
+from sparsespec_jax.decode_burst import AUTO_BURST_STEPS, advance_cycles, auto_burst_steps, balance_phases
 from sparsespec_jax.sampling import SamplingParams
 
 NUM_REQUESTS = 20
@@ -111,18 +111,43 @@ def test_host_counters_follow_the_device(make_engine, smollm2):
     assert checked == 3
 
 
-def test_advance_cycles_drafts_verifies_then_sits_out():
+def test_advance_cycles_drafts_again_right_after_a_verify():
     verifies, drafts, draft_index, sit_out = advance_cycles(np.array([0, 3, 4, 0]), np.array([0, 0, 0, 1]), k=4,
-                                                            stall_steps=1, steps=7)
-    # request 0 drafts 4 steps, verifies, sits out one, drafts; request 2 verifies at once and 6 steps later;
-    # request 3 sits out first.
+                                                            steps=7)
+    # request 0 drafts 4 steps, verifies, drafts on at once (no step sat out); request 2 verifies at once and 5
+    # steps later; request 3 sits out first.
     assert verifies[:, 0].tolist() == [False, False, False, False, True, False, False]
-    assert drafts[:, 0].tolist() == [True, True, True, True, False, False, True]
-    assert verifies[:, 2].tolist() == [True, False, False, False, False, False, True]
-    assert drafts[:, 3].tolist() == [False, True, True, True, True, False, False]
-    assert draft_index.tolist() == [1, 4, 0, 0] and sit_out.tolist() == [0, 0, 1, 0]
+    assert drafts[:, 0].tolist() == [True, True, True, True, False, True, True]
+    assert verifies[:, 2].tolist() == [True, False, False, False, False, True, False]
+    assert drafts[:, 3].tolist() == [False, True, True, True, True, False, True]
+    assert draft_index.tolist() == [2, 0, 1, 1] and sit_out.tolist() == [0, 0, 0, 0]
+
+
+def test_balance_phases_spreads_verifies_evenly():
+    # Six requests verifying at the same step, cycle of 3: two per phase, the others a step or two later.
+    assert balance_phases(np.full(6, 2), np.zeros(6, np.int64), k=2).tolist() == [0, 0, 1, 1, 2, 2]
+    rng = np.random.default_rng(5)
+    for count, k in [(128, 8), (37, 4), (5, 8), (64, 1)]:
+        draft_index, sit_out = rng.integers(0, k + 1, count), rng.integers(0, 2, count)
+        delays = balance_phases(draft_index, sit_out, k)
+        assert (delays >= 0).all() and (delays < 2 * (k + 1)).all()
+        verifies, *_ = advance_cycles(draft_index, sit_out + delays, k, steps=5 * (k + 1))
+        settled = verifies[3 * (k + 1):]                        # every delay has passed
+        assert settled.sum(1).max() <= -(-count // (k + 1))
+        assert (settled.sum(0) == 2).all()                      # each request verifies once per k + 1 steps
+    spread = np.arange(18) % 9
+    assert not balance_phases(spread, np.zeros(18, np.int64), k=8).any()   # already even: nobody waits
 
 
 def test_bursts_refuse_host_made_drafts(make_engine):
     with pytest.raises(ValueError, match="burst_steps"):
         make_engine("ngram", burst_steps=4, **SPARSE, **ENGINE)
+
+
+def test_bursts_by_default_on_one_gpu_only(make_engine):
+    assert auto_burst_steps("gpu", 1, "pillar") == auto_burst_steps("gpu", 1, "none") == AUTO_BURST_STEPS > 1
+    assert auto_burst_steps("gpu", 2, "pillar") == 1          # the call would block for the whole burst
+    assert auto_burst_steps("gpu", 1, "ngram") == 1
+    assert auto_burst_steps("cpu", 1, "pillar") == 1
+    engine = make_engine("ngram", **SPARSE, **ENGINE)          # unset: no error for host-made drafts
+    assert engine.burst_steps == 1 and engine._burst_fn is None

@@ -38,9 +38,9 @@ def generate(method: str, backend: str, **fields) -> list[list[int]]:
 
 
 MODES = {
-    "pillar": ("pillar", {}),
-    "pillar-phased-sync": ("pillar", dict(scheduler="phased", sync_host=True)),
-    "none": ("none", {}),
+    "pillar": ("pillar", dict(burst_steps=1)),
+    "pillar-phased-sync": ("pillar", dict(scheduler="phased", sync_host=True, burst_steps=1)),
+    "none": ("none", dict(burst_steps=1)),
     "pillar-burst": ("pillar", dict(burst_steps=8)),
     "streaming-burst": ("streaming", dict(burst_steps=8)),
     "none-burst": ("none", dict(burst_steps=8)),

@@ -47,6 +47,7 @@ from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.benchmark.timed_window import acceptance_summary, compile_split, per_step, time_window
 from sparsespec_jax.config import ModelConfig
+from sparsespec_jax.decode_burst import auto_burst_steps
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.loading import DEFAULT_MODEL, load_model
 from sparsespec_jax.model import random_params
@@ -86,7 +87,7 @@ class BenchConfig:
     budget_ratio: float = 0.05
     min_budget: int = 128
     draft_min_context: int = 0                       # SpecConfig.draft_min_context of the draft methods
-    burst_steps: int = 1                             # EngineConfig.burst_steps of the throughput engines
+    burst_steps: int | None = None                   # EngineConfig.burst_steps of the throughput engines
     attention_backend: str = "auto"
     unroll_layers: bool = False                      # EngineConfig.unroll_layers of every engine
     min_batch_bucket: int = 8                        # EngineConfig.min_batch_bucket: fewer compiles vs padding
@@ -160,8 +161,10 @@ class BenchConfig:
 
     def engine_burst_steps(self, method: str, sync: bool) -> int:
         """EngineConfig.burst_steps of an engine: 1 for sync-mode windows (device time per step) and n-gram
-        (its drafts come from the host), burst_steps otherwise."""
-        return 1 if sync or method == "ngram" else self.burst_steps
+        (its drafts come from the host), burst_steps otherwise (unset: the engine's default on this device)."""
+        if sync or method == "ngram":
+            return 1
+        return self.burst_steps or auto_burst_steps(jax.local_devices()[0].platform, 1, method)
 
     def spec(self, method: str, replayed: bool) -> SpecConfig:
         """The method's SpecConfig; `replayed` (shaped workload) adds its acceptance distribution."""
@@ -666,6 +669,7 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
     result = {"title": "End-to-end throughput: vanilla vs n-gram vs streaming vs pillar",
               "device": device_description(), "date": datetime.date.today().isoformat(), "command": command,
               "config": config.as_dict(), "attention_backend": resolve_backend(config.attention_backend),
+              "burst_steps": config.engine_burst_steps("none", sync=False),
               "points": [], "skipped": [], "failed": [], "workloads": {}, "integrated": [], "elapsed_s": 0.0}
     result["copy_bandwidth"] = roofline.copy_bandwidth(config.copy_mib << 20)
     bandwidth = result["copy_bandwidth"]["bytes_per_s"]

@@ -187,6 +187,7 @@ def integrated_rows(result: dict) -> tuple[list[str], list[list]]:
 def markdown(result: dict, targets: list[dict]) -> str:
     config = result["config"]
     layers = "unrolled" if config.get("unroll_layers") else "in a loop"
+    burst_steps = result.get("burst_steps", config.get("burst_steps") or 1)
     lines = [f"# {result['title']}", "",
              f"{result['device']}, {result['date']}. Command: `{result['command']}`. Attention backend: "
              f"{result['attention_backend']}, decoder layers {layers}, row buckets of at least "
@@ -194,8 +195,8 @@ def markdown(result: dict, targets: list[dict]) -> str:
              f"above 64 tokens)"
              + (f", draft methods decoding plainly below {config['draft_min_context']} tokens of context"
                 if config.get("draft_min_context") else "")
-             + (f", {config['burst_steps']} decode steps per device call in steady state (n-gram and the "
-                f"sync-mode windows: 1)" if config.get("burst_steps", 1) > 1 else "")
+             + (f", {burst_steps} decode steps per device call in steady state (n-gram and the sync-mode "
+                f"windows: 1)" if burst_steps > 1 else ", one decode step per device call")
              + ". Copy bandwidth (jitted x*2 over "
              f"{result['copy_bandwidth']['array_bytes'] / 2 ** 20:.0f} MiB, 2 x bytes / median time): "
              f"{result['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s. Run time {result['elapsed_s']:.0f} s.", ""]
