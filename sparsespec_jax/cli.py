@@ -51,7 +51,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burst-steps", type=int, default=None,
                         help="decode steps per device call once every request is decoding (planned on the device: "
                              "less host time per step; pillar, streaming and none). Default: 8 on one GPU, 1 on "
-                             "a CPU, with --tp > 1 and for n-gram")
+                             "a CPU, with --tp > 1, --sync, --scheduler phased and for n-gram")
     parser.add_argument("--profile", type=Path, default=None, help="write per-step metrics (JSONL) here")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel: devices each engine's heads split over")
     parser.add_argument("--unroll-layers", action="store_true",

@@ -69,7 +69,8 @@ class EngineConfig:
     tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
     unroll_layers: bool = False               # trace every layer into the step (see Transformer)
     burst_steps: int | None = None            # decode steps per jitted call in steady state (decode_burst.py);
-                                              # None: auto_burst_steps (8 on one GPU, else 1)
+                                              # None: auto_burst_steps (8 on one GPU, else 1; 1 with
+                                              # sync_host or phased scheduling, the ablation baselines)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -171,8 +172,9 @@ class Engine:
         if config.burst_steps is not None and config.burst_steps > 1 and spec.method == "ngram":
             raise ValueError("burst_steps: n-gram drafts are proposed by the host at every step; decode bursts "
                              "need drafts made on the device (pillar, streaming) or none (method none)")
-        self.burst_steps = config.burst_steps or auto_burst_steps(self.mesh.devices.flat[0].platform,
-                                                                  config.tensor_parallel, spec.method)
+        baseline = config.sync_host or config.scheduler == "phased"    # ablation baselines: single steps unless set
+        self.burst_steps = config.burst_steps or (1 if baseline else auto_burst_steps(
+            self.mesh.devices.flat[0].platform, config.tensor_parallel, spec.method))
         self._burst_fn = make_burst_fn(self.graphdef, spec, self.backend) if self.burst_steps > 1 else None
         # Every jitted program an iteration may run. Offloading and restoring compile theirs on first use, inside
         # an iteration like a new step shape does, so an iteration is flagged as compiling if any of them grew.
@@ -361,11 +363,14 @@ class Engine:
 
     def _entry_counters(self, slots: np.ndarray):
         """The cycle counters a burst entered now starts from, read from the slot table (exact once settled),
-        with the phases balanced for the burst's shorter cycle: (newest, draft_index, sit_out)."""
+        with the phases balanced for the burst's shorter cycle (phased scheduling keeps its verifies aligned):
+        (newest, draft_index, sit_out)."""
         table, k = self.table, self.width - 1
         draft_index = np.maximum(table.draft_index[slots], 0) if k else np.zeros(len(slots), np.int64)
         sit_out = np.maximum(table.resume_step[slots] - self.scheduler.step_index, 0)
-        return table.computed[slots], draft_index, sit_out + balance_phases(draft_index, sit_out, k)
+        if self.config.scheduler == "unified":
+            sit_out = sit_out + balance_phases(draft_index, sit_out, k)
+        return table.computed[slots], draft_index, sit_out
 
     def _burst_tokens(self, slots, newest, draft_index, sit_out, unread):
         """The burst's cycles from these counters and the tokens each request can reach by its end, every draft

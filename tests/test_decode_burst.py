@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import FACTS_PROMPT, generate, run_requests
+from sparsespec_jax import engine as engine_module
 from sparsespec_jax.decode_burst import AUTO_BURST_STEPS, advance_cycles, auto_burst_steps, balance_phases
 from sparsespec_jax.sampling import SamplingParams
 
@@ -49,7 +50,8 @@ def bursts_run(engine) -> int:
     ("pillar", dict(burst_steps=4, kv_cache_tokens=320, host_kv_tokens=4096)),   # pages run short: offloads
     ("pillar", dict(burst_steps=3, sync_host=True)),
     ("streaming", dict(burst_steps=5)),
-], ids=["none", "pillar-offload", "pillar-sync", "streaming"])
+    ("pillar", dict(burst_steps=4, scheduler="phased")),
+], ids=["none", "pillar-offload", "pillar-sync", "streaming", "pillar-phased"])
 def test_bursts_reproduce_vanilla(method, mode, vanilla, make_engine):
     prompts, params, expected = vanilla
     engine = make_engine(method, **SPARSE, **{**ENGINE, **mode})
@@ -151,3 +153,12 @@ def test_bursts_by_default_on_one_gpu_only(make_engine):
     assert auto_burst_steps("cpu", 1, "pillar") == 1
     engine = make_engine("ngram", **SPARSE, **ENGINE)          # unset: no error for host-made drafts
     assert engine.burst_steps == 1 and engine._burst_fn is None
+
+
+def test_unset_burst_steps_keep_the_ablation_baselines_single(make_engine, monkeypatch):
+    """Where bursts are the default, the sync and phased baselines still run single steps unless asked."""
+    monkeypatch.setattr(engine_module, "auto_burst_steps", lambda platform, tensor_parallel, method: 4)
+    assert make_engine("pillar", **SPARSE, **ENGINE).burst_steps == 4
+    assert make_engine("pillar", sync_host=True, **SPARSE, **ENGINE).burst_steps == 1
+    assert make_engine("pillar", scheduler="phased", **SPARSE, **ENGINE).burst_steps == 1
+    assert make_engine("pillar", scheduler="phased", burst_steps=4, **SPARSE, **ENGINE).burst_steps == 4
