@@ -50,7 +50,7 @@ AUTO_BURST_STEPS = 8
 
 def auto_burst_steps(platform: str, tensor_parallel: int, method: str) -> int:
     """Decode steps per call when the user sets none: bursts where they were measured to pay, on one GPU (host
-    time per step 1.3-2.0 -> 0.3-0.5 ms, model drafts 3-22% more tokens/s, plain decoding within -4%..+1%);
+    time per step 1.3-2.3 -> 0.3-0.5 ms, model drafts 3-22% more tokens/s, plain decoding within -4%..+1%);
     single steps on a CPU (the host does not bound the step there), with tensor parallelism (the call blocks
     until the device has run the whole burst) and for n-gram (its drafts come from the host)."""
     single_gpu = platform == "gpu" and tensor_parallel == 1
