@@ -16,8 +16,8 @@ What is measured, in this order (the time budget stops launching points after 48
    chat-templated reasoning prompts (bench/data) back to back, 16k tokens per fill step (requests done first
    decode meanwhile; the mean context at the window's start is recorded), then 20 warm-up and 32 timed steps
    at T=0.6 with real acceptance, then the sync-mode window. Batch 256 and 128 at 7680 and 4096 took 332 s.
-   Whole generations instead: `sparsespec bench --workload real --new-tokens N ...` directly, without
-   `--real-contexts` (4096 tokens at batch 64 took ~4 minutes per method on the H200, compile included).
+   Whole generations instead: pass `--new-tokens N` (and no `--real-contexts`), which drops the contexts above
+   (4096 tokens at batch 64 took ~4 minutes per method on the H200, compile included).
 
 Copy bandwidth (jitted x*2 over 2 GiB) is measured first; bytes per step / bandwidth gives each point's
 roofline. Writes bench/results/<name>.{json,md} and PNG plots, prints the markdown (table last).
@@ -54,9 +54,23 @@ H200 = ["--workload", "shaped", "real",
 OUTPUT = ["--out", str(RESULTS), "--name", "e2e_h200"]
 
 
+def configuration(user_args: list[str]) -> list[str]:
+    """The flags passed to `sparsespec bench` before the user's: the H200 configuration (only the output place
+    with --smoke), without its real-workload contexts when the user asks for whole generations."""
+    def given(flag: str) -> bool:
+        return any(arg == flag or arg.startswith(flag + "=") for arg in user_args)
+
+    if given("--smoke"):
+        return OUTPUT
+    if given("--new-tokens") and not given("--real-contexts"):
+        start = H200.index("--real-contexts")
+        end = next(i for i in range(start + 1, len(H200)) if H200[i].startswith("--"))
+        return H200[:start] + H200[end:] + OUTPUT
+    return H200 + OUTPUT
+
+
 if __name__ == "__main__":
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__)
         print("Configuration passed to `sparsespec bench` before your flags:\n  " + " ".join(H200 + OUTPUT) + "\n")
-    configuration = OUTPUT if "--smoke" in sys.argv[1:] else H200 + OUTPUT
-    sys.exit(main(["bench", *configuration, *sys.argv[1:]]))
+    sys.exit(main(["bench", *configuration(sys.argv[1:]), *sys.argv[1:]]))

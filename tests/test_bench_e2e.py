@@ -3,9 +3,11 @@ a timed window refuses a batch that shrank."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import struct
+from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
@@ -293,3 +295,15 @@ def test_burst_windows_are_accounted_per_engine_step(tmp_path):
         assert p["tokens_per_s"] == pytest.approx(p["tokens_per_step"] / p["step_ms"] * 1e3, rel=1e-6)
         assert p["host_ms"] < p["step_ms"] and 0 < p["roofline_fraction"] < 10
     assert "4 decode steps per device call" in (tmp_path / "bursts.md").read_text()
+
+
+def test_h200_script_drops_its_contexts_when_asked_for_whole_generations():
+    spec = importlib.util.spec_from_file_location("bench_e2e_script", Path(__file__).parents[1] / "bench" / "e2e.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert "--real-contexts" in script.configuration(["--workload", "real"])
+    whole = script.configuration(["--workload", "real", "--new-tokens=4096"])
+    assert "--real-contexts" not in whole and "7680" not in whole
+    assert whole[whole.index("--real-batch") + 4:whole.index("--real-batch") + 6] == ["--real-dtype", "bfloat16"]
+    assert "--real-contexts" in script.configuration(["--new-tokens", "64", "--real-contexts", "512"])
+    assert script.configuration(["--smoke"]) == script.OUTPUT
