@@ -69,8 +69,7 @@ class EngineConfig:
     tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
     unroll_layers: bool = False               # trace every layer into the step (see Transformer)
     burst_steps: int | None = None            # decode steps per jitted call in steady state (decode_burst.py);
-                                              # None: auto_burst_steps (8 on one GPU, else 1; 1 with
-                                              # sync_host or phased scheduling, the ablation baselines)
+                                              # None: auto_burst_steps (8 on one GPU, else 1)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -172,9 +171,8 @@ class Engine:
         if config.burst_steps is not None and config.burst_steps > 1 and spec.method == "ngram":
             raise ValueError("burst_steps: n-gram drafts are proposed by the host at every step; decode bursts "
                              "need drafts made on the device (pillar, streaming) or none (method none)")
-        baseline = config.sync_host or config.scheduler == "phased"    # ablation baselines: single steps unless set
-        self.burst_steps = config.burst_steps or (1 if baseline else auto_burst_steps(
-            self.mesh.devices.flat[0].platform, config.tensor_parallel, spec.method))
+        self.burst_steps = config.burst_steps or auto_burst_steps(
+            self.mesh.devices.flat[0].platform, config.tensor_parallel, spec.method, config.sync_host, config.scheduler)
         self._burst_fn = make_burst_fn(self.graphdef, spec, self.backend) if self.burst_steps > 1 else None
         # Every jitted program an iteration may run. Offloading and restoring compile theirs on first use, inside
         # an iteration like a new step shape does, so an iteration is flagged as compiling if any of them grew.

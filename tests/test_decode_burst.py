@@ -147,18 +147,20 @@ def test_bursts_refuse_host_made_drafts(make_engine):
 
 
 def test_bursts_by_default_on_one_gpu_only(make_engine):
-    assert auto_burst_steps("gpu", 1, "pillar") == auto_burst_steps("gpu", 1, "none") == AUTO_BURST_STEPS > 1
-    assert auto_burst_steps("gpu", 2, "pillar") == 1          # the call would block for the whole burst
-    assert auto_burst_steps("gpu", 1, "ngram") == 1
-    assert auto_burst_steps("cpu", 1, "pillar") == 1
+    unified = dict(sync_host=False, scheduler="unified")
+    assert auto_burst_steps("gpu", 1, "pillar", **unified) == auto_burst_steps("gpu", 1, "none", **unified) \
+        == AUTO_BURST_STEPS > 1
+    assert auto_burst_steps("gpu", 2, "pillar", **unified) == 1          # the call would block for the whole burst
+    assert auto_burst_steps("gpu", 1, "ngram", **unified) == 1
+    assert auto_burst_steps("cpu", 1, "pillar", **unified) == 1
     engine = make_engine("ngram", **SPARSE, **ENGINE)          # unset: no error for host-made drafts
     assert engine.burst_steps == 1 and engine._burst_fn is None
 
 
 def test_unset_burst_steps_keep_the_ablation_baselines_single(make_engine, monkeypatch):
     """Where bursts are the default, the sync and phased baselines still run single steps unless asked."""
-    monkeypatch.setattr(engine_module, "auto_burst_steps", lambda platform, tensor_parallel, method: 4)
-    assert make_engine("pillar", **SPARSE, **ENGINE).burst_steps == 4
+    monkeypatch.setattr(engine_module, "auto_burst_steps", lambda platform, *rest: auto_burst_steps("gpu", *rest))
+    assert make_engine("pillar", **SPARSE, **ENGINE).burst_steps == AUTO_BURST_STEPS
     assert make_engine("pillar", sync_host=True, **SPARSE, **ENGINE).burst_steps == 1
     assert make_engine("pillar", scheduler="phased", **SPARSE, **ENGINE).burst_steps == 1
     assert make_engine("pillar", scheduler="phased", burst_steps=4, **SPARSE, **ENGINE).burst_steps == 4
