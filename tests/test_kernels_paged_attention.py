@@ -13,6 +13,7 @@ import pytest
 
 from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.paged_attention.reference import owned_tokens
+from pallas_kernels.paged_attention.triton_kernel import split_range
 
 pytestmark = pytest.mark.quick_compiles
 
@@ -106,6 +107,33 @@ def test_kv_split_count_does_not_change_the_result():
     out4, lse4 = jax.jit(functools.partial(kernel, kv_splits=4))(**batch)
     assert_matches(out4, out1, atol=2e-5, rtol=2e-5)
     assert_matches(lse4, lse1, atol=2e-5, rtol=2e-5)
+
+
+def test_splits_share_each_rows_own_length():
+    """Every position of [0, end) falls in exactly one split, and no split walks more blocks than an even share
+    of the row's own blocks: a row padded to a longer page table still spreads over all its splits."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        end, splits, block = int(rng.integers(0, 3000)), int(rng.integers(1, 9)), int(rng.choice([16, 32, 64]))
+        ranges = [tuple(int(x) for x in split_range(jnp.int32(end), jnp.int32(s), splits, block))
+                  for s in range(splits)]
+        covered = np.concatenate([np.arange(start, stop) for start, stop in ranges])
+        np.testing.assert_array_equal(covered, np.arange(end))
+        blocks = [max(0, -(-stop // block) - start // block) for start, stop in ranges]
+        assert max(blocks) == -(-(-(-end // block)) // splits)
+        assert all(start % block == 0 for start, stop in ranges if stop > start)
+
+
+def test_splits_over_a_padded_page_table_give_the_reference_result():
+    """Rows far shorter than the page table (a bucket): each split's share comes from the row's length."""
+    batch = make_paged_batch(17, [1, 9, 1, 4], [130, 33, 7, 260], num_q_heads=9, num_kv_heads=3, head_dim=64,
+                             page_size=16)
+    padding = np.full((4, 3 * batch["page_tables"].shape[1]), 10 ** 6, np.int32)
+    batch["page_tables"] = jnp.concatenate([batch["page_tables"], jnp.asarray(padding)], axis=1)
+    for splits in (2, 5):
+        (out, lse), (ref_out, ref_lse) = run_both(batch, page_size=16, max_q_len=9, block_kv=16, kv_splits=splits)
+        assert_matches(out, ref_out, atol=2e-5, rtol=2e-5)
+        assert_matches(lse, ref_lse, atol=2e-5, rtol=2e-5)
 
 
 def test_rejects_bad_shapes():

@@ -46,6 +46,15 @@ def choose_kv_splits(programs_without_split: int, num_kv_blocks: int,
     return max(1, min(wanted, num_kv_blocks))
 
 
+def split_range(end, split, kv_splits: int, block_kv: int):
+    """Positions [start, stop) that split `split` of kv_splits walks of [0, end): equal shares in whole blocks,
+    sized from `end` (the row's own length) rather than the bucketed page table, whose padding would otherwise
+    leave most rows' last splits empty and their first ones with all the work. stop <= start: nothing."""
+    per_split = pl.cdiv(pl.cdiv(end, block_kv), kv_splits) * block_kv
+    start = split * per_split
+    return start, jnp.minimum(end, start + per_split)
+
+
 def gather_page_slots(table_ref, row, positions, limit, *, page_size: int, num_pages: int):
     """Pool slot of each logical position of `row`; positions >= limit map to slot 0..page_size-1 of page 0.
 
@@ -91,7 +100,7 @@ def merge_kv_splits(out_parts, lse_parts):
 
 def _ragged_paged_attention_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref,
                                    out_ref, lse_ref, *, group, queries_per_tile, tile_rows, block_kv, kv_splits,
-                                   blocks_per_split, page_size, num_pages, max_q_len, logit_scale2):
+                                   page_size, num_pages, max_q_len, logit_scale2):
     row, kv_head, tile_and_split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     query_tile, split = tile_and_split // kv_splits, tile_and_split % kv_splits
     layer = layer_ref[0]
@@ -107,12 +116,11 @@ def _ragged_paged_attention_kernel(layer_ref, q_start_ref, q_len_ref, kv_len_ref
     queries = q_ref[token, head, :]                                                   # [M, D]
     query_pos = first_query_pos + query                                               # causal horizon per tile row
 
-    # Keys this tile can see end at the last live query's position; the split owns a slice of that range.
+    # Keys this tile can see end at the last live query's position; the split owns a share of that range.
     tile_has_queries = first_query < num_queries
     visible_end = first_query_pos + jnp.minimum(first_query + queries_per_tile, num_queries)
     visible_end = jnp.where(tile_has_queries, jnp.minimum(visible_end, num_pages * page_size), 0)
-    split_start = split * blocks_per_split * block_kv
-    split_end = jnp.minimum(visible_end, split_start + blocks_per_split * block_kv)
+    split_start, split_end = split_range(visible_end, split, kv_splits, block_kv)
     num_blocks = jnp.maximum(0, pl.cdiv(split_end - split_start, block_kv))
 
     def body(block, carry):
@@ -178,11 +186,10 @@ def ragged_paged_attention(q, k_pool, v_pool, layer, q_start, q_len, kv_len, pag
     if kv_splits is None:
         kv_splits = choose_kv_splits(num_rows * num_kv_heads * num_query_tiles, num_kv_blocks)
     kv_splits = max(1, min(kv_splits, num_kv_blocks))
-    blocks_per_split = -(-num_kv_blocks // kv_splits)
 
     kernel = functools.partial(
         _ragged_paged_attention_kernel, group=group, queries_per_tile=queries_per_tile, tile_rows=tile_rows,
-        block_kv=block_kv, kv_splits=kv_splits, blocks_per_split=blocks_per_split, page_size=page_size,
+        block_kv=block_kv, kv_splits=kv_splits, page_size=page_size,
         num_pages=num_pages, max_q_len=max_q_len, logit_scale2=scale * LOG2_E)
     out_parts, lse_parts = pl.pallas_call(
         kernel,

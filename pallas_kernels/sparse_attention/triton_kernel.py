@@ -18,15 +18,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_attention.triton_kernel import (
     LOG2_E, MAX_QUERY_ROWS, MIN_DOT_ROWS, choose_kv_splits, finish_softmax, merge_kv_splits, next_power_of_2,
-    online_softmax_update)
+    online_softmax_update, split_range)
 from pallas_kernels.pool_checks import check_queries_against_pool
 
 SHORT_LIST_PROGRAMS = 2048  # draft lists are a few blocks long: more, shorter programs overlap their latencies
 
 
 def _sparse_decode_attention_kernel(layer_ref, count_ref, slot_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                                    group, tile_rows, block_kv, blocks_per_split, list_len, stacked_lists,
-                                    logit_scale2):
+                                    group, tile_rows, block_kv, kv_splits, list_len, stacked_lists, logit_scale2):
     row, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     tile_row = jnp.arange(tile_rows, dtype=jnp.int32)
@@ -34,8 +33,7 @@ def _sparse_decode_attention_kernel(layer_ref, count_ref, slot_ref, q_ref, k_ref
     head = kv_head * group + jnp.minimum(tile_row, group - 1)
     queries = q_ref[row, head, :]                                                     # [M, D]
 
-    split_start = split * blocks_per_split * block_kv
-    split_end = jnp.minimum(jnp.minimum(count_ref[row], list_len), split_start + blocks_per_split * block_kv)
+    split_start, split_end = split_range(jnp.minimum(count_ref[row], list_len), split, kv_splits, block_kv)
     num_blocks = jnp.maximum(0, pl.cdiv(split_end - split_start, block_kv))
 
     def body(block, carry):
@@ -100,12 +98,10 @@ def sparse_decode_attention(q, k_pool, v_pool, layer, slot_ids, count, *, scale:
     if kv_splits is None:
         kv_splits = choose_kv_splits(num_rows * num_kv_heads, num_blocks, SHORT_LIST_PROGRAMS)
     kv_splits = max(1, min(kv_splits, num_blocks))
-    blocks_per_split = -(-num_blocks // kv_splits)
 
     kernel = functools.partial(
-        _sparse_decode_attention_kernel, group=group, tile_rows=tile_rows, block_kv=block_kv,
-        blocks_per_split=blocks_per_split, list_len=list_len, stacked_lists=stacked_lists,
-        logit_scale2=scale * LOG2_E)
+        _sparse_decode_attention_kernel, group=group, tile_rows=tile_rows, block_kv=block_kv, kv_splits=kv_splits,
+        list_len=list_len, stacked_lists=stacked_lists, logit_scale2=scale * LOG2_E)
     out_parts, lse_parts = pl.pallas_call(
         kernel,
         grid=(num_rows, num_kv_heads, kv_splits),

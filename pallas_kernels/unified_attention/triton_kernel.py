@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.paged_attention.reference import owned_tokens
 from pallas_kernels.paged_attention.triton_kernel import (
     LOG2_E, MAX_QUERY_ROWS, MIN_DOT_ROWS, STREAMING_PROGRAMS, WIDE_TILE_ROWS, finish_softmax, gather_page_slots,
-    merge_kv_splits, next_power_of_2, online_softmax_update)
+    merge_kv_splits, next_power_of_2, online_softmax_update, split_range)
 
 DRAFT_BLOCK_KV = 32
 
@@ -75,8 +75,7 @@ def _store_tile(out_ref, lse_ref, split, token, head, live, out, lse):
 
 
 def _full_row_tile(program, layer, refs, *, num_drafts, num_kv_heads, group, queries_per_tile, tile_rows,
-                   num_query_tiles, kv_splits, blocks_per_split, block_kv, page_size, num_pages, max_q_len,
-                   logit_scale2):
+                   num_query_tiles, kv_splits, block_kv, page_size, num_pages, max_q_len, logit_scale2):
     """One (row, KV head, KV split, query tile) of the full-attention rows: causal over the row's pages."""
     q_start_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, out_ref, lse_ref = refs
     query_tile = program % num_query_tiles
@@ -95,12 +94,11 @@ def _full_row_tile(program, layer, refs, *, num_drafts, num_kv_heads, group, que
     queries = q_ref[jnp.where(live, num_drafts + token, 0), head, :]
     horizon = row_first_position + query                           # last key position each tile row sees
 
-    # The tile sees keys up to its last live query; this split owns one chunk of that range.
+    # The tile sees keys up to its last live query; this split owns a share of that range.
     tile_last_query = jnp.minimum(tile_first_query + queries_per_tile, row_queries)
     tile_end = jnp.where(tile_first_query < row_queries,
                          jnp.minimum(row_first_position + tile_last_query, num_pages * page_size), 0)
-    chunk_start = split * blocks_per_split * block_kv
-    chunk_end = jnp.minimum(tile_end, chunk_start + blocks_per_split * block_kv)
+    chunk_start, chunk_end = split_range(tile_end, split, kv_splits, block_kv)
 
     def load_block(block):
         positions = chunk_start + block * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
@@ -113,8 +111,8 @@ def _full_row_tile(program, layer, refs, *, num_drafts, num_kv_heads, group, que
     _store_tile(out_ref, lse_ref, split, token, head, live, out, lse)
 
 
-def _draft_row_tile(program, layer, refs, *, num_kv_heads, group, tile_rows, kv_splits, blocks_per_split, block_kv,
-                    list_len, max_count, stacked_lists, logit_scale2):
+def _draft_row_tile(program, layer, refs, *, num_kv_heads, group, tile_rows, kv_splits, block_kv, list_len,
+                    max_count, stacked_lists, logit_scale2):
     """One (draft row, KV head, KV split): the group's query heads over that head's listed slots (in the
     layer's lists when every layer's are stacked)."""
     count_ref, slot_ref, q_ref, k_ref, v_ref, out_ref, lse_ref = refs
@@ -126,8 +124,7 @@ def _draft_row_tile(program, layer, refs, *, num_kv_heads, group, tile_rows, kv_
     live = tile_row < group
     head = kv_head * group + jnp.minimum(tile_row, group - 1)
     queries = q_ref[row, head, :]                                  # draft tokens lead the step's tokens
-    chunk_start = split * blocks_per_split * block_kv
-    chunk_end = jnp.minimum(jnp.minimum(count_ref[row], max_count), chunk_start + blocks_per_split * block_kv)
+    chunk_start, chunk_end = split_range(jnp.minimum(count_ref[row], max_count), split, kv_splits, block_kv)
 
     def load_block(block):
         entries = chunk_start + block * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
@@ -237,11 +234,10 @@ def unified_attention(q, k_pool, v_pool, layer, slot_ids, count, q_start, q_len,
     draft_splits = max(1, min(draft_kv_splits or auto_draft, draft_blocks))
     full_tiling = dict(num_drafts=num_drafts, num_kv_heads=num_kv_heads, group=group,
                        queries_per_tile=queries_per_tile, tile_rows=full_tile_rows, num_query_tiles=num_query_tiles,
-                       kv_splits=full_splits, blocks_per_split=-(-full_blocks // full_splits), block_kv=block_kv,
+                       kv_splits=full_splits, block_kv=block_kv,
                        page_size=page_size, num_pages=num_pages, max_q_len=max_q_len, logit_scale2=scale * LOG2_E)
     draft_tiling = dict(num_kv_heads=num_kv_heads, group=group, tile_rows=max(MIN_DOT_ROWS, next_power_of_2(group)),
-                        kv_splits=draft_splits, blocks_per_split=-(-draft_blocks // draft_splits),
-                        block_kv=draft_block_kv, list_len=max(1, list_len), max_count=list_len,
+                        kv_splits=draft_splits, block_kv=draft_block_kv, list_len=max(1, list_len), max_count=list_len,
                         stacked_lists=stacked_lists, logit_scale2=scale * LOG2_E)
     num_full_programs = full_tiles * full_splits
     num_programs = num_full_programs + draft_tiles * draft_splits
