@@ -148,7 +148,7 @@ def time_engine(cfg, params, tokenizer, args, tensor_parallel: int, method: str)
               "wait_ms": window.mean("wait_ms"), "tokens_per_step": window.mean("tokens"),
               "accepted_per_verify": acceptance_summary(window.acceptance_counts)["accepted_per_verify"],
               "steps_timed": sum(s.decode_steps for s in window.steady), "steps_excluded": len(window.compiled),
-              "preemptions": engine.scheduler.num_preemptions,
+              "preemptions": engine.scheduler.num_preemptions, "burst_steps": engine.burst_steps,
               "device_bytes_in_use": device_bytes_in_use(tensor_parallel),
               "wall_s": time.perf_counter() - started}
     del engine
@@ -238,12 +238,12 @@ def render(args, device: str, num_devices: int, rows: list[dict], ratios: dict[i
         return "-" if value is None else format(value, spec)
 
     header = ["TP", "method", "tok/s", "scaling eff.", "step ms", "host ms", "wait ms", "tokens/step",
-              "accepted/verify", "excluded steps", "est. GiB/device", "in use GiB/device"]
+              "accepted/verify", "excluded steps", "steps per call", "est. GiB/device", "in use GiB/device"]
     table = [[r["tensor_parallel"], METHOD_LABELS[r["method"]]]
-             + ([r["error"]] + ["-"] * 7 if "error" in r else
+             + ([r["error"]] + ["-"] * 8 if "error" in r else
                 [f"{r['tokens_per_s']:.0f}", fmt(r["scaling_efficiency"], ".2f"), f"{r['step_ms']:.2f}",
                  f"{r['host_ms']:.2f}", f"{r['wait_ms']:.2f}", f"{r['tokens_per_step']:.0f}",
-                 f"{r['accepted_per_verify']:.2f}", r["steps_excluded"]])
+                 f"{r['accepted_per_verify']:.2f}", r["steps_excluded"], r["burst_steps"]])
              + [f"{r['estimated_device_bytes'] / 2**30:.2f}",
                 fmt(r.get("device_bytes_in_use") and r["device_bytes_in_use"] / 2**30, ".2f")] for r in rows]
     text = (f"# Tensor-parallel scaling — {num_devices} x {device}, {today()}\n\n"
@@ -285,8 +285,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--replay", type=float, nargs="+", default=DEFAULT_REPLAY,
                         help="probabilities of accepting 0..k drafts (pillar)")
     parser.add_argument("--check", action="store_true", help="first check TP=N greedy streams equal TP=1")
-    parser.add_argument("--burst-steps", type=int, default=1,
-                        help="decode steps per jitted call (EngineConfig.burst_steps), in the check too")
+    parser.add_argument("--burst-steps", type=int, default=None,
+                        help="decode steps per jitted call (EngineConfig.burst_steps), in the check too; default: "
+                             "the engine's (8 on GPUs, else 1)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"CPU run of the tiny model on 4 host devices: defaults {SMOKE}")
     args = parser.parse_args(argv)

@@ -50,8 +50,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="host memory pool for offloaded KV, in tokens (0: preempt and recompute instead)")
     parser.add_argument("--burst-steps", type=int, default=None,
                         help="decode steps per device call once every request is decoding (planned on the device: "
-                             "less host time per step; pillar, streaming and none). Default: 8 on one GPU, 1 on "
-                             "a CPU, with --tp > 1, --sync, --scheduler phased and for n-gram")
+                             "less host time per step; pillar, streaming and none). Default: 8 on GPUs, 1 on other "
+                             "platforms, with --sync, --scheduler phased and for n-gram")
     parser.add_argument("--profile", type=Path, default=None, help="write per-step metrics (JSONL) here")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel: devices each engine's heads split over")
     parser.add_argument("--unroll-layers", action="store_true",
@@ -124,7 +124,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
                         help="draft methods decode plainly below this context (whole real generations)")
     parser.add_argument("--burst-steps", type=int, default=None,
                         help="decode steps per device call of the throughput engines (sync windows and n-gram: "
-                             "1; default: the engine's, 8 on one GPU, else 1)")
+                             "1; default: the engine's, 8 on GPUs, else 1)")
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--unroll-layers", action="store_true", default=None,
                         help="trace every layer into the step instead of a loop (about 5x the compile time)")

@@ -48,15 +48,15 @@ from sparsespec_jax.unified_step import unified_step
 AUTO_BURST_STEPS = 8
 
 
-def auto_burst_steps(platform: str, tensor_parallel: int, method: str, sync_host: bool, scheduler: str) -> int:
-    """Decode steps per call when the user sets none: bursts where they were measured to pay, on one GPU (host
-    time per step 1.3-2.3 -> 0.3-0.5 ms, model drafts 3-22% more tokens/s, plain decoding within -4%..+1%);
-    single steps on a CPU (the host does not bound the step there), with tensor parallelism (the call blocks
-    until the device has run the whole burst), for n-gram (its drafts come from the host) and for the ablation
-    baselines (sync_host, phased scheduling), which stay what their flags name."""
-    single_gpu = platform == "gpu" and tensor_parallel == 1
+def auto_burst_steps(platform: str, method: str, sync_host: bool, scheduler: str) -> int:
+    """Decode steps per call when the user sets none: bursts where they were measured to pay, on GPUs (one H200:
+    host time per step 1.3-2.3 -> 0.3-0.5 ms, model drafts 3-22% more tokens/s, plain decoding within -4%..+1%;
+    two H200s, tensor parallel, where the call blocks for the whole burst: pillar +9%, plain decoding level);
+    single steps on other platforms (untried there; on a CPU the host does not bound the step), for n-gram (its
+    drafts come from the host) and for the ablation baselines (sync_host, phased scheduling), which stay what
+    their flags name."""
     baseline = sync_host or scheduler == "phased"
-    return AUTO_BURST_STEPS if single_gpu and method != "ngram" and not baseline else 1
+    return AUTO_BURST_STEPS if platform == "gpu" and method != "ngram" and not baseline else 1
 
 
 @jax.tree_util.register_dataclass

@@ -3,7 +3,7 @@
 Each iteration plans one step, dispatches the jitted unified step and, when running ahead (the default), reads
 the previous step's results while this one runs on the device: the host never sits on the critical path in
 steady state. With `sync_host` it reads each step's results before planning the next (the ablation baseline).
-With `burst_steps` > 1 (the default on one GPU) an iteration in which every request is decoding runs that many
+With `burst_steps` > 1 (the default on GPUs) an iteration in which every request is decoding runs that many
 steps in one call (decode_burst.py); the slot table hands its requests' cycles to the device counters and takes
 them back when the batch needs single steps again (an admission, a restore, an eviction, a prompt chunk).
 """
@@ -69,7 +69,7 @@ class EngineConfig:
     tensor_parallel: int = 1                  # devices one engine's heads are split over (sharding.py)
     unroll_layers: bool = False               # trace every layer into the step (see Transformer)
     burst_steps: int | None = None            # decode steps per jitted call in steady state (decode_burst.py);
-                                              # None: auto_burst_steps (8 on one GPU, else 1)
+                                              # None: auto_burst_steps (8 on GPUs, else 1)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -172,7 +172,7 @@ class Engine:
             raise ValueError("burst_steps: n-gram drafts are proposed by the host at every step; decode bursts "
                              "need drafts made on the device (pillar, streaming) or none (method none)")
         self.burst_steps = config.burst_steps or auto_burst_steps(
-            self.mesh.devices.flat[0].platform, config.tensor_parallel, spec.method, config.sync_host, config.scheduler)
+            self.mesh.devices.flat[0].platform, spec.method, config.sync_host, config.scheduler)
         self._burst_fn = make_burst_fn(self.graphdef, spec, self.backend) if self.burst_steps > 1 else None
         # Every jitted program an iteration may run. Offloading and restoring compile theirs on first use, inside
         # an iteration like a new step shape does, so an iteration is flagged as compiling if any of them grew.

@@ -52,6 +52,7 @@ def test_smoke_run_reports_every_degree_and_method_and_passes_the_check(result_n
             assert math.isfinite(row[field]) and row[field] > 0, (row, field)
         assert row["steps_timed"] + row["steps_excluded"] == result["args"]["steps"]
         assert row["estimated_device_bytes"] > 0 and row["preemptions"] == 0     # the pool holds the window
+        assert row["burst_steps"] == 1                  # unset: the engine's default, single steps on a CPU
     for method in ("none", "pillar"):
         assert rows[(1, method)]["scaling_efficiency"] == 1.0
         assert rows[(4, method)]["estimated_device_bytes"] < rows[(1, method)]["estimated_device_bytes"]

@@ -164,7 +164,7 @@ class BenchConfig:
         (its drafts come from the host), burst_steps otherwise (unset: the engine's default on this device)."""
         if sync or method == "ngram":
             return 1
-        return self.burst_steps or auto_burst_steps(jax.local_devices()[0].platform, 1, method, False, "unified")
+        return self.burst_steps or auto_burst_steps(jax.local_devices()[0].platform, method, False, "unified")
 
     def spec(self, method: str, replayed: bool) -> SpecConfig:
         """The method's SpecConfig; `replayed` (shaped workload) adds its acceptance distribution."""
