@@ -8,8 +8,9 @@ Work decomposition:
     query tokens form one [M, D] query tile (row m is token m // G, head m % G), so every K/V block that
     is gathered from the pool feeds M query rows at once: GQA shares each page load.
   * the row's logical KV positions are cut into `kv_splits` contiguous ranges (flash-decoding) so short
-    batches still fill the GPU; each split runs an online softmax over blocks of `block_kv` positions,
-    translating positions to pool slots through the page table (an ordinary input ref on GPU).
+    batches still fill the GPU, equal shares of the row's own length (`split_range`); each split runs an
+    online softmax over blocks of `block_kv` positions, translating positions to pool slots through the page
+    table (an ordinary input ref on GPU).
   * a small jnp epilogue merges the splits by their log-sum-exp.
 """
 
