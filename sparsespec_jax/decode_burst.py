@@ -23,7 +23,9 @@ the host one call later and what was sampled after it is dropped.
 
 The host's side (BurstPlan): grant every request the pages its worst case needs (every draft accepted), size
 the verify group to the most verifies any sub-step can have, and advance its copy of the cycle counters,
-which depend on acceptance only through the positions it learns from the outputs.
+which depend on acceptance only through the positions it learns from the outputs. When the pool cannot hold
+the worst case, the engine offloads the newest requests (a few) rather than fall back to single steps, and
+takes an offloaded request back only when the next burst still fits with it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ the previous step's results while this one runs on the device: the host never si
 steady state. With `sync_host` it reads each step's results before planning the next (the ablation baseline).
 With `burst_steps` > 1 (the default on GPUs) an iteration in which every request is decoding runs that many
 steps in one call (decode_burst.py); the slot table hands its requests' cycles to the device counters and takes
-them back when the batch needs single steps again (an admission, a restore, an eviction, a prompt chunk).
+them back when the batch needs single steps again (an admission, a restore, a prompt chunk, or pages short by
+more than offloading a few of the newest requests frees).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from sparsespec_jax.step_metrics import StepLog, StepMetrics
 from sparsespec_jax.unified_step import make_step_fn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# A burst that does not fit the KV pool may offload up to this share of the running requests (the newest) to
+# fit rather than fall back to single steps, which cost the host 4-6x more per step on a GPU.
+BURST_EVICTION_SHARE = 8
 
 
 class RequestError(ValueError):
@@ -208,7 +212,8 @@ class Engine:
                                                        ngram_min=spec.ngram_min))
         self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_num_batched_tokens,
                                    config.prefill_chunk_size, self.max_model_len, self.limits.max_pages, policy,
-                                   evict=self._offload, restore=self._restore)
+                                   evict=self._offload, restore=self._restore,
+                                   restore_reserve=self._restore_reserve if self._burst_fn else None)
         self.table = self.scheduler.table
         self.metrics = StepLog()
         self.num_restores = 0
@@ -299,15 +304,19 @@ class Engine:
         if self._burst_fn is not None and (self._in_burst or self._burst_candidate()):
             if not self._in_burst and self._in_flight is not None and self._entry_fits():
                 finished += self._settle()              # entering needs every request's counters on the host
-            burst = self._plan_burst() if self._in_burst or self._in_flight is None else None
+            burst = None
+            if self._in_burst or self._in_flight is None:
+                burst, settled = self._plan_burst()
+                finished += settled
             if burst is not None:
                 metrics = self._burst_metrics(burst)
                 finished += self._run_burst(burst, metrics)
                 self._record_burst(started, metrics, compilations)
                 return finished
-            if self._in_burst:
+            if not self._burst_blocked():       # pages short: retry after a cycle of single steps
+                self._next_burst_try = self.scheduler.step_index + self.scheduler.policy.cycle_length
+            if self._in_burst:                  # (after a restore or an admission, as soon as all decode again)
                 finished += self._leave_bursts()
-            self._next_burst_try = self.scheduler.step_index + self.scheduler.policy.cycle_length
         if self._in_flight is not None and self.scheduler.pages_short():
             finished += self._settle()                  # evicting needs every request's state on the host
         plan = self.scheduler.schedule()
@@ -346,8 +355,10 @@ class Engine:
 
     def _burst_candidate(self) -> bool:
         """Whether every running request is decoding in the steady state a burst continues: past its prompt,
-        with a draft set and a phase (model drafts), drafting from here on, and in a full-length cycle or
-        between cycles. Checked on the table as planned (before a settle)."""
+        with a draft set and a phase (model drafts) and drafting from here on. A cycle the host shortened (a
+        first cycle reaching its phase, a last one reaching the length limit) goes on to k drafts on the
+        device: the tokens are the same, the verify comes later. Checked on the table as planned (before a
+        settle)."""
         table, k = self.table, self.width - 1
         slots = np.flatnonzero(table.active)
         if not len(slots) or self.scheduler.step_index < self._next_burst_try or self._burst_blocked():
@@ -356,7 +367,6 @@ class Engine:
         if k:
             steady &= table.has_sets[slots] & (table.phase[slots] >= 0)
             steady &= table.computed[slots] >= self.scheduler.policy.draft_min_context
-            steady &= (table.draft_index[slots] < 0) | (table.cycle_drafts[slots] == k)
         return bool(steady.all())
 
     def _entry_counters(self, slots: np.ndarray):
@@ -377,40 +387,105 @@ class Engine:
         cycles = advance_cycles(draft_index, sit_out, k, self.burst_steps)
         return cycles, newest + (k + 1) * (unread + cycles[0].sum(0) + 1)   # and the cycle after
 
-    def _pages_cover(self, slots: np.ndarray, tokens: np.ndarray) -> bool:
-        target = np.minimum(tokens, self.table.cap[slots])
-        return int(self.table.pages_short_of(slots, target).sum()) <= self.allocator.num_free
+    def _pages_short(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Pages each slot still needs for a burst reaching `tokens` (its length limit caps what it keeps)."""
+        return self.table.pages_short_of(slots, np.minimum(tokens, self.table.cap[slots]))
+
+    def _burst_victims(self, slots: np.ndarray, newest: np.ndarray, tokens: np.ndarray) -> int | None:
+        """How many of the newest requests (`slots` oldest first, committed up to `newest`) to offload so that
+        a burst reaching `tokens` fits the pool: 0 when it fits; None when that takes more than
+        1 / BURST_EVICTION_SHARE of the batch or more than the host pool holds (recomputing a preempted request
+        to keep bursting would cost more than single steps do)."""
+        short = self._pages_short(slots, tokens)
+        need, free = int(short.sum()), self.allocator.num_free
+        host_pages = 0
+        for count in range(max(1, len(slots) // BURST_EVICTION_SHARE) + 1):
+            if need <= free:
+                return count
+            if count == len(slots) - 1:
+                return None
+            victim = len(slots) - 1 - count
+            need -= int(short[victim])
+            free += int(self.table.num_pages[slots[victim]])
+            host_pages += -(-int(newest[victim]) // self.config.page_size)
+            if not self.host_kv.fits(host_pages):
+                return None
+        return None
+
+    def _offload_for_burst(self, slots: np.ndarray, victims: int) -> None:
+        """Offload the `victims` newest of the running requests (all read) to make room for a burst. Inside
+        bursts the slot table learns their committed positions first, as on leaving bursts."""
+        table = self.table
+        if self._in_burst:
+            chosen = slots[len(slots) - victims:]
+            newest = self._burst_newest[chosen]
+            table.computed[chosen], table.total[chosen] = newest, newest + 1
+            table.pending[chosen], table.awaiting[chosen] = 0, False
+        for _ in range(victims):
+            self.scheduler.evict_newest()
+
+    def _restore_reserve(self, request: Request) -> int:
+        """Pages a restore must leave free while bursts are on: the next burst's growth of the running requests
+        and of the restored one beyond its first cycle, every draft accepted. A restore into less would make
+        the next burst offload again, and the restored request first, since it is the newest."""
+        k = self.width - 1
+        growth = (k + 1) * (-(-self.burst_steps // (k + 1)) + 1)
+        reserve = (self.allocator.pages_needed(request.num_computed + growth, 0)
+                   - self.allocator.pages_needed(request.num_computed + k + 1, 0))
+        slots = np.flatnonzero(self.table.active)
+        if not len(slots):
+            return reserve
+        if self._in_burst:
+            counters = (self._burst_newest[slots], self._burst_draft_index[slots], self._burst_sit_out[slots],
+                        self._burst_unread[slots])
+        else:
+            counters = (*self._entry_counters(slots), 0)
+        return reserve + int(self._pages_short(slots, self._burst_tokens(slots, *counters)[1]).sum())
 
     def _entry_fits(self) -> bool:
-        """Whether the pool could hold a burst entered now, judged before settling the step in flight (its
-        outcomes can only raise the need; pages its finished requests free count at the next try): entering
-        settles the pipeline, which is wasted if pages are short."""
+        """Whether the pool could hold a burst entered now, after the offloads _burst_victims allows, judged
+        before settling the step in flight (its outcomes can only raise the need; pages its finished requests
+        free count at the next try): entering settles the pipeline, which is wasted if pages are short."""
         slots = np.flatnonzero(self.table.active)
+        slots = slots[np.argsort(self.table.admitted[slots])]
         newest, draft_index, sit_out = self._entry_counters(slots)
-        return self._pages_cover(slots, self._burst_tokens(slots, newest, draft_index, sit_out, 0)[1])
+        tokens = self._burst_tokens(slots, newest, draft_index, sit_out, 0)[1]
+        return self._burst_victims(slots, newest, tokens) is not None
 
-    def _plan_burst(self) -> BurstPlan | None:
-        """Plan the next burst and grant its pages, or None when the batch is not in steady decoding or the
-        pool cannot hold every request's worst case over the burst (single steps then evict)."""
-        table = self.table
+    def _plan_burst(self) -> tuple[BurstPlan | None, list[Request]]:
+        """Plan the next burst and grant its pages: (plan, requests finished meanwhile). The plan is None when
+        the batch is not in steady decoding, or when the pool cannot hold every request's worst case over the
+        burst even after the offloads _burst_victims allows (single steps then evict as they need). Inside
+        bursts, a burst that does not fit reads the one in flight first (its outcomes may shrink the need,
+        and offloading needs them read)."""
+        table, finished = self.table, []
         if self._burst_blocked():
-            return None
-        slots = np.flatnonzero(table.active)
-        if not len(slots):
-            return None
-        slots = slots[np.argsort(table.admitted[slots])]
-        if not self._in_burst:
-            if not self._burst_candidate() or table.awaiting[slots].any() or table.pending[slots].any():
-                return None
-            newest, draft_index, sit_out = self._entry_counters(slots)
-            unread = np.zeros(len(slots), np.int64)
-        else:
-            newest, draft_index, sit_out, unread = (self._burst_newest[slots], self._burst_draft_index[slots],
-                                                    self._burst_sit_out[slots], self._burst_unread[slots])
-        (verifies, drafts, next_draft_index, next_sit_out), tokens = self._burst_tokens(slots, newest, draft_index,
-                                                                                        sit_out, unread)
-        if not self._pages_cover(slots, tokens):
-            return None
+            return None, finished
+        while True:
+            slots = np.flatnonzero(table.active)
+            if not len(slots):
+                return None, finished
+            slots = slots[np.argsort(table.admitted[slots])]
+            if not self._in_burst:
+                if not self._burst_candidate() or table.awaiting[slots].any() or table.pending[slots].any():
+                    return None, finished
+                newest, draft_index, sit_out = self._entry_counters(slots)
+                unread = np.zeros(len(slots), np.int64)
+            else:
+                newest, draft_index, sit_out, unread = (self._burst_newest[slots], self._burst_draft_index[slots],
+                                                        self._burst_sit_out[slots], self._burst_unread[slots])
+            cycles, tokens = self._burst_tokens(slots, newest, draft_index, sit_out, unread)
+            victims = self._burst_victims(slots, newest, tokens) if self._in_flight is None else \
+                int(self._pages_short(slots, tokens).sum() > self.allocator.num_free)
+            if not victims:
+                break
+            if victims is None:
+                return None, finished
+            if self._in_flight is not None:
+                finished += self._settle()
+            else:
+                self._offload_for_burst(slots, victims)
+        verifies, drafts, next_draft_index, next_sit_out = cycles
         table.grow(slots, np.minimum(tokens, table.cap[slots]))
         if not self._in_burst:      # padded to a row bucket (the spare slot takes the padding): few compiles
             entries, spare = self.limits.rows(len(slots)), self.config.max_batch_size
@@ -423,7 +498,7 @@ class Engine:
         self._burst_unread[slots] += verifies.sum(0)
         self._burst_draft_index[slots], self._burst_sit_out[slots] = next_draft_index, next_sit_out
         return BurstPlan(slot=slots, generation=table.generation[slots], verifies=verifies, drafts=drafts,
-                         tokens_bound=tokens)
+                         tokens_bound=tokens), finished
 
     def _run_burst(self, plan: BurstPlan, metrics: StepMetrics) -> list[Request]:
         """Dispatch a planned burst, then read the one before it while this one runs."""

@@ -119,9 +119,11 @@ class CyclePolicy:
 class Scheduler:
     def __init__(self, allocator: PageAllocator, max_batch_size: int, max_num_batched_tokens: int,
                  prefill_chunk_size: int, max_model_len: int, max_pages: int, policy: CyclePolicy = CyclePolicy(),
-                 evict: Callable[[Request], bool] | None = None, restore: Callable[[Request], None] | None = None):
+                 evict: Callable[[Request], bool] | None = None, restore: Callable[[Request], None] | None = None,
+                 restore_reserve: Callable[[Request], int] | None = None):
         """evict(request) -> True if it moved the request's KV to host memory (else it is preempted);
-        restore(request) writes an offloaded request's KV back into its newly granted pages."""
+        restore(request) writes an offloaded request's KV back into its newly granted pages;
+        restore_reserve(request) -> pages a restore of it must leave free besides its own KV and one cycle."""
         if policy.mode not in SCHEDULER_MODES:
             raise ValueError(f"scheduler: must be one of {SCHEDULER_MODES}, got {policy.mode!r}")
         self.allocator = allocator
@@ -133,6 +135,7 @@ class Scheduler:
         self.policy = policy
         self.evict = evict
         self.restore = restore
+        self.restore_reserve = restore_reserve
         self.waiting: collections.deque[Request] = collections.deque()
         self.offloaded: collections.deque[Request] = collections.deque()
         self.free_slots = list(range(max_batch_size - 1, -1, -1))
@@ -184,7 +187,8 @@ class Scheduler:
             self.num_preemptions += 1
             self.waiting.appendleft(victim)
 
-    def _evict_newest(self) -> None:
+    def evict_newest(self) -> None:
+        """Evict the most recently admitted running request (its results read: see _evict)."""
         table = self.table
         slots = np.flatnonzero(table.active)
         self._evict(table.requests[slots[np.argmax(table.admitted[slots])]])
@@ -283,16 +287,20 @@ class Scheduler:
             alive = table.active[rows["slot"]]
             if table.pages_short_of(rows["slot"][alive], target[alive]).sum() <= self.allocator.num_free:
                 break
-            self._evict_newest()
+            self.evict_newest()
         rows = _select(rows, alive)
         table.grow(rows["slot"], target[alive])
         return rows
 
     def can_restore(self) -> bool:
-        """Whether the oldest offloaded request fits now: a free slot, and pages for its KV and one cycle."""
+        """Whether the oldest offloaded request fits now: a free slot, and pages for its KV and one cycle (and
+        the restore reserve)."""
         if not (self.offloaded and self.free_slots):
             return False
-        needed = self.allocator.pages_needed(self.offloaded[0].num_computed + self.policy.k + 1, 0)
+        request = self.offloaded[0]
+        needed = self.allocator.pages_needed(request.num_computed + self.policy.k + 1, 0)
+        if self.restore_reserve is not None:
+            needed += self.restore_reserve(request)
         return needed <= self.allocator.num_free
 
     def pages_short(self) -> bool:
@@ -345,7 +353,7 @@ class Scheduler:
                 continue                                             # evicted earlier in this step
             while table.active[slot] and table.requests[slot] is request and self.allocator.num_free < \
                     table.pages_short_of(np.array([slot]), np.array([start + n]))[0]:
-                self._evict_newest()
+                self.evict_newest()
             if table.requests[slot] is not request:
                 continue                                             # evicted itself
             groups.append(self._stamp(self._prompt_chunk(request, start, n)))

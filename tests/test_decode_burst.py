@@ -8,13 +8,20 @@ stop tokens inside bursts.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import FACTS_PROMPT, generate, run_requests
 from sparsespec_jax import engine as engine_module
+from sparsespec_jax.benchmark.shapes import placeholder_tokenizer
+from sparsespec_jax.benchmark.steady_state import place_at_context
+from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.decode_burst import AUTO_BURST_STEPS, advance_cycles, auto_burst_steps, balance_phases
+from sparsespec_jax.engine import Engine, EngineConfig
+from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
+from sparsespec_jax.spec.config import SpecConfig
 
 NUM_REQUESTS = 20
 ENGINE = dict(max_batch_size=8, kv_cache_tokens=2048, max_model_len=160, page_size=8, min_context_bucket=128,
@@ -163,3 +170,34 @@ def test_unset_burst_steps_keep_the_ablation_baselines_single(make_engine, monke
     assert make_engine("pillar", sync_host=True, **SPARSE, **ENGINE).burst_steps == 1
     assert make_engine("pillar", scheduler="phased", **SPARSE, **ENGINE).burst_steps == 1
     assert make_engine("pillar", scheduler="phased", burst_steps=4, **SPARSE, **ENGINE).burst_steps == 4
+
+
+TINY = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, qk_norm=True, tie_word_embeddings=True, max_position_embeddings=2048)
+
+
+@pytest.mark.slow
+def test_bursts_keep_running_under_kv_pressure():
+    """A pool that leaves each request 32 tokens to grow, requests finishing all along (the systems ablation's
+    offload row, small): bursts make room by offloading the newest requests, enter with cycles the host had
+    shortened, and take an offloaded request back only when the next burst still fits, so it is not
+    offloaded again at once. Most decode steps run inside bursts; every offloaded request comes back."""
+    batch, context, headroom, window, k = 32, 512, 32, 120, 8
+    config = EngineConfig(max_batch_size=batch, kv_cache_tokens=batch * (context + headroom),
+                          max_model_len=context + window + 64, max_num_batched_tokens=batch * (k + 1),
+                          min_batch_bucket=16, min_context_bucket=context, burst_steps=8, dtype="float32",
+                          host_kv_tokens=batch * (context + window + k + 1))
+    spec = SpecConfig(method="pillar", k=k, min_budget=32,
+                      replay_acceptance=(0.08, 0.05, 0.05, 0.05, 0.06, 0.07, 0.08, 0.10, 0.46))
+    engine = Engine(TINY, random_params(TINY, seed=3, dtype=jnp.float32), placeholder_tokenizer(), config, spec)
+    lengths = np.random.default_rng(2).integers(window // 3, window, batch)
+    requests = place_at_context(engine, batch, context, window, seed=1, reserve=0,
+                                params=[SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True)
+                                        for n in lengths])
+    while engine.has_unfinished():
+        engine.step()
+    assert [len(r.output_ids) for r in requests] == lengths.tolist()
+    assert engine.scheduler.num_offloads == engine.num_restores > 0
+    assert max(r.stats.offloads for r in requests) == 1
+    steps = [s.decode_steps for s in engine.metrics.steps[k + 2:] if s.decode_steps]   # past the first cycle
+    assert sum(n for n in steps if n > 1) >= 0.85 * sum(steps)
