@@ -3,11 +3,10 @@
 The same kernel timed in two processes on one H200 differed by 10-15% (allocation and clock state), more than
 many kernel changes are worth. Here both versions run in one process on the same random inputs, alternating
 round by round, and the report gives each version's median and their ratio. Run it in a few processes still:
-two such runs of one pair of kernels have disagreed at single points (1.02x against 1.55x for a SmolLM2 decode
-over contexts spread from 1500 to 4000), both interleaved, so most likely by where the buffers landed. The
-baseline is any directory
-holding a `pallas_kernels/` package (`git worktree add /tmp/old <commit>`, or `git archive <commit> | tar -x -C
-/tmp/old`); its modules are imported from its own root and keep their own helpers.
+single points of one run carry about +-10% (a kernel identical on both sides measured 0.87x-1.08x over four
+runs, and one run put a SmolLM2 decode at 1.55x that three others put at 0.96-1.08x). The baseline is any
+directory holding a `pallas_kernels/` package (`git worktree add /tmp/old <commit>`, or `git archive <commit> |
+tar -x -C /tmp/old`); its modules are imported from its own root and keep their own helpers.
 
 Cases: a decode step (vanilla), a mixed pillar step (1/9 of the rows verify 9 queries, the rest draft over 5% of
 the context) and a step's score pass over every layer, at SmolLM2 and Qwen3-8B heads, with ragged contexts whose
