@@ -25,7 +25,8 @@ The host's side (BurstPlan): grant every request the pages its worst case needs 
 the verify group to the most verifies any sub-step can have, and advance its copy of the cycle counters,
 which depend on acceptance only through the positions it learns from the outputs. When the pool cannot hold
 the worst case, the engine offloads the newest requests (a few) rather than fall back to single steps, and
-takes an offloaded request back only when the next burst still fits with it.
+takes an offloaded request back, inside the bursts, once the next burst still fits with it: the request starts
+a cycle from its newest token on the device, in the least loaded verify phase.
 """
 
 from __future__ import annotations

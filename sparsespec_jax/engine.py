@@ -5,8 +5,8 @@ the previous step's results while this one runs on the device: the host never si
 steady state. With `sync_host` it reads each step's results before planning the next (the ablation baseline).
 With `burst_steps` > 1 (the default on GPUs) an iteration in which every request is decoding runs that many
 steps in one call (decode_burst.py); the slot table hands its requests' cycles to the device counters and takes
-them back when the batch needs single steps again (an admission, a restore, a prompt chunk, or pages short by
-more than offloading a few of the newest requests frees).
+them back when the batch needs single steps again (an admission, a prompt chunk, a restore of a request without
+a draft set, or pages short by more than offloading a few of the newest requests frees).
 """
 
 from __future__ import annotations
@@ -424,6 +424,25 @@ class Engine:
         for _ in range(victims):
             self.scheduler.evict_newest()
 
+    def _restore_into_burst(self) -> None:
+        """Restore offloaded requests that fit without leaving bursts: each starts a cycle on the device from
+        its newest token, sitting out until the least loaded verify phase. Only requests whose prompt is done
+        and that have a draft set (model drafts) can; the others wait for single steps."""
+        scheduler, k = self.scheduler, self.width - 1
+        while scheduler.can_restore():
+            request = scheduler.offloaded[0]
+            if request.num_computed != request.num_tokens - 1 or (k and not (
+                    request.has_sets and request.num_computed >= scheduler.policy.draft_min_context)):
+                return
+            slots = np.flatnonzero(self.table.active)
+            phases = (self._burst_sit_out[slots] + k - self._burst_draft_index[slots]) % (k + 1)
+            sit_out = (int(np.argmin(np.bincount(phases, minlength=k + 1))) - k) % (k + 1)
+            slot = scheduler.restore_oldest().slot
+            self._burst_newest[slot], self._burst_unread[slot] = request.num_computed, 0
+            self._burst_draft_index[slot], self._burst_sit_out[slot] = 0, sit_out
+            self.counters = seed_counters(self.counters, *(np.array([value], np.int32) for value in
+                                                           (slot, request.num_computed, 0, sit_out)))
+
     def _restore_reserve(self, request: Request) -> int:
         """Pages a restore must leave free while bursts are on: the next burst's growth of the running requests
         and of the restored one beyond its first cycle, every draft accepted. A restore into less would make
@@ -459,6 +478,8 @@ class Engine:
         bursts, a burst that does not fit reads the one in flight first (its outcomes may shrink the need,
         and offloading needs them read)."""
         table, finished = self.table, []
+        if self._in_burst:
+            self._restore_into_burst()
         if self._burst_blocked():
             return None, finished
         while True:

@@ -303,6 +303,14 @@ class Scheduler:
             needed += self.restore_reserve(request)
         return needed <= self.allocator.num_free
 
+    def restore_oldest(self) -> Request:
+        """Bring the oldest offloaded request back (can_restore() must hold): a slot, pages for its KV, the KV."""
+        request = self.offloaded.popleft()
+        self.admit(request)
+        self.table.grow(np.array([request.slot]), np.array([request.num_computed]))
+        self.restore(request)
+        return request
+
     def pages_short(self) -> bool:
         """Whether this step might need more pages than are free (so an eviction may be ahead): an upper bound
         of every running request's growth, whatever its next row turns out to be."""
@@ -359,10 +367,7 @@ class Scheduler:
             groups.append(self._stamp(self._prompt_chunk(request, start, n)))
             budget -= n
         while self.can_restore():
-            request = self.offloaded.popleft()
-            self.admit(request)
-            table.grow(np.array([request.slot]), np.array([request.num_computed]))
-            self.restore(request)
+            self.restore_oldest()
         while self.waiting and not self.offloaded and self.free_slots and budget > 0:
             request = self.waiting[0]
             n = min(self.prefill_chunk_size, request.num_tokens - request.num_computed, budget)

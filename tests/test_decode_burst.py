@@ -180,8 +180,9 @@ TINY = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_si
 def test_bursts_keep_running_under_kv_pressure():
     """A pool that leaves each request 32 tokens to grow, requests finishing all along (the systems ablation's
     offload row, small): bursts make room by offloading the newest requests, enter with cycles the host had
-    shortened, and take an offloaded request back only when the next burst still fits, so it is not
-    offloaded again at once. Most decode steps run inside bursts; every offloaded request comes back."""
+    shortened, and take an offloaded request back inside a burst once the next burst still fits with it (so
+    it is not offloaded again at once). Past the first cycle every decode step runs inside a burst; every
+    offloaded request comes back."""
     batch, context, headroom, window, k = 32, 512, 32, 120, 8
     config = EngineConfig(max_batch_size=batch, kv_cache_tokens=batch * (context + headroom),
                           max_model_len=context + window + 64, max_num_batched_tokens=batch * (k + 1),
@@ -200,4 +201,4 @@ def test_bursts_keep_running_under_kv_pressure():
     assert engine.scheduler.num_offloads == engine.num_restores > 0
     assert max(r.stats.offloads for r in requests) == 1
     steps = [s.decode_steps for s in engine.metrics.steps[k + 2:] if s.decode_steps]   # past the first cycle
-    assert sum(n for n in steps if n > 1) >= 0.85 * sum(steps)
+    assert all(n > 1 for n in steps)
