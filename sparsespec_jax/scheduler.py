@@ -299,6 +299,8 @@ class Scheduler:
             return False
         request = self.offloaded[0]
         needed = self.allocator.pages_needed(request.num_computed + self.policy.k + 1, 0)
+        if needed > self.allocator.num_free:
+            return False                      # the usual answer under pressure: skip the reserve's cost
         if self.restore_reserve is not None:
             needed += self.restore_reserve(request)
         return needed <= self.allocator.num_free
