@@ -313,9 +313,11 @@ class Engine:
                 finished += self._run_burst(burst, metrics)
                 self._record_burst(started, metrics, compilations)
                 return finished
-            if not self._burst_blocked():       # pages short: retry after a cycle of single steps
+            # Blocked by an admission or a restore: retry as soon as every request decodes steadily again;
+            # otherwise (pages short, or the batch not steady) after a cycle of single steps.
+            if not self._burst_blocked():
                 self._next_burst_try = self.scheduler.step_index + self.scheduler.policy.cycle_length
-            if self._in_burst:                  # (after a restore or an admission, as soon as all decode again)
+            if self._in_burst:
                 finished += self._leave_bursts()
         if self._in_flight is not None and self.scheduler.pages_short():
             finished += self._settle()                  # evicting needs every request's state on the host
