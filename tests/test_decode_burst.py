@@ -183,7 +183,7 @@ def test_bursts_keep_running_under_kv_pressure():
     shortened, and take an offloaded request back inside a burst once the next burst still fits with it (so
     it is not offloaded again at once). Past the first cycle every decode step runs inside a burst; every
     offloaded request comes back."""
-    batch, context, headroom, window, k = 32, 512, 32, 120, 8
+    batch, context, headroom, window, k = 32, 256, 32, 100, 8
     config = EngineConfig(max_batch_size=batch, kv_cache_tokens=batch * (context + headroom),
                           max_model_len=context + window + 64, max_num_batched_tokens=batch * (k + 1),
                           min_batch_bucket=16, min_context_bucket=context, burst_steps=8, dtype="float32",
