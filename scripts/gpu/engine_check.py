@@ -1,5 +1,6 @@
 """On a GPU: the engine's greedy tokens with the Pallas kernels (unified launch, running ahead, staggered
-cycles, decode bursts) equal vanilla decoding with the jnp references, on a random float32 model.
+cycles, decode bursts, bursts that offload and restore requests) equal vanilla decoding with the jnp
+references, on a random float32 model.
 
   PYTHONPATH=$PWD:bench python scripts/gpu/engine_check.py
 """
