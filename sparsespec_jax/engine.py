@@ -417,12 +417,8 @@ class Engine:
     def _offload_for_burst(self, slots: np.ndarray, victims: int) -> None:
         """Offload the `victims` newest of the running requests (all read) to make room for a burst. Inside
         bursts the slot table learns their committed positions first, as on leaving bursts."""
-        table = self.table
         if self._in_burst:
-            chosen = slots[len(slots) - victims:]
-            newest = self._burst_newest[chosen]
-            table.computed[chosen], table.total[chosen] = newest, newest + 1
-            table.pending[chosen], table.awaiting[chosen] = 0, False
+            self._commit_burst_positions(slots[len(slots) - victims:])
         for _ in range(victims):
             self.scheduler.evict_newest()
 
@@ -597,6 +593,13 @@ class Engine:
         metrics.draft_rows = num_drafts
         metrics.verify_rows, metrics.decode_rows = (num_verifies, 0) if k else (0, num_verifies)
 
+    def _commit_burst_positions(self, slots: np.ndarray) -> None:
+        """Tell the slot table where the slots' requests stand after the bursts read so far: committed up to
+        their newest token, nothing in flight."""
+        table, newest = self.table, self._burst_newest[slots]
+        table.computed[slots], table.total[slots] = newest, newest + 1
+        table.pending[slots], table.awaiting[slots] = 0, False
+
     def _leave_bursts(self) -> list[Request]:
         """Read every burst in flight and hand the running cycles back to the slot table."""
         finished = self._settle() if self._in_flight is not None else []
@@ -604,10 +607,7 @@ class Engine:
         table, k = self.table, self.width - 1
         slots = np.flatnonzero(table.active)
         newest, draft_index = self._burst_newest[slots], self._burst_draft_index[slots]
-        table.computed[slots] = newest
-        table.total[slots] = newest + 1
-        table.pending[slots] = 0
-        table.awaiting[slots] = False
+        self._commit_burst_positions(slots)
         table.cycle_start[slots] = newest
         table.draft_index[slots] = np.where(draft_index > 0, draft_index, -1)
         table.cycle_drafts[slots] = np.where(draft_index > 0, k, 0)
