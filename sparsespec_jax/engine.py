@@ -28,7 +28,7 @@ from sparsespec_jax.decode_burst import (BurstCounters, BurstInputs, BurstPlan, 
                                          balance_phases, make_burst_fn, seed_counters)
 from sparsespec_jax.detokenizer import IncrementalDetokenizer
 from sparsespec_jax.kv_cache import KVCache, PageAllocator
-from sparsespec_jax.kv_offload import HostKVPool, gather_pages, scatter_pages
+from sparsespec_jax.kv_offload import HostKVPool, offload_chunks, restore_chunks
 from sparsespec_jax.model import Transformer
 from sparsespec_jax.packed_args import pack
 from sparsespec_jax.request import Request
@@ -180,7 +180,7 @@ class Engine:
         self._burst_fn = make_burst_fn(self.graphdef, spec, self.backend) if self.burst_steps > 1 else None
         # Every jitted program an iteration may run. Offloading and restoring compile theirs on first use, inside
         # an iteration like a new step shape does, so an iteration is flagged as compiling if any of them grew.
-        self._programs = (self._step_fn, _copy_out, gather_pages, scatter_pages, _read_set, _write_set,
+        self._programs = (self._step_fn, _copy_out, offload_chunks, restore_chunks, _read_set, _write_set,
                           _write_newest) + ((self._burst_fn, seed_counters) if self._burst_fn else ())
         self.kv = create_on_mesh(lambda: KVCache.create(cfg, num_pages, config.page_size, dtype), self.mesh)
         self.allocator = PageAllocator(num_pages, config.page_size)

@@ -13,7 +13,8 @@ from sparsespec_jax.benchmark.shapes import placeholder_tokenizer
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.kv_cache import KVCache
-from sparsespec_jax.kv_offload import HostKVPool, gather_pages, host_memory_kind, scatter_pages
+from sparsespec_jax.kv_offload import (HostKVPool, host_memory_kind, offload_chunks, power_of_two_groups,
+                                       restore_chunks)
 from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
@@ -41,9 +42,10 @@ def test_pool_round_trips_pages_through_host_memory_while_they_are_reused():
     host = host_memory_kind(jax.devices()[0])
     assert all(a.sharding.memory_kind == host for chunk in record.chunks for a in chunk)
     assert pool.used_tokens == pool.peak_tokens == 5 * page_size
+    assert [chunk[0].shape[2] for chunk in record.chunks] == [2, 1]    # groups of 2 chunks and 1, one call each
     # The pages are reused at once: overwritten with poison before the copies are known to have landed.
-    kv = scatter_pages(kv, np.asarray(evicted, np.int32), jnp.full((2, 2, 5 * page_size, 8), jnp.nan),
-                       jnp.full((2, 2, 5 * page_size, 8), jnp.nan))
+    slots = (np.asarray(evicted)[:, None] * page_size + np.arange(page_size)).reshape(-1)
+    kv = KVCache(k=kv.k.at[:, :, slots].set(jnp.nan), v=kv.v.at[:, :, slots].set(jnp.nan), page_size=page_size)
     granted = [10, 2, 11, 5, 6]
     kv, restored_sets = pool.restore(kv, record, granted)
     assert pool.used_tokens == 0
@@ -58,12 +60,19 @@ def test_pool_round_trips_pages_through_host_memory_while_they_are_reused():
     assert np.isnan(np.asarray(kv.k)[:, :, 3 * page_size]).all()  # an evicted page not granted back keeps the poison
 
 
+def test_power_of_two_groups():
+    assert power_of_two_groups(1) == [1]
+    assert power_of_two_groups(5) == [4, 1]
+    assert power_of_two_groups(14) == [8, 4, 2]
+    assert sum(power_of_two_groups(1000)) == 1000
+
+
 @pytest.mark.slow
 def test_iterations_that_compile_offload_or_restore_programs_are_flagged():
     """Every iteration during which XLA compiled anything (the step, or the gather / scatter / draft-set
     programs of a first offload and restore) is flagged `compiled`, so timed windows leave it out."""
-    gather_pages.clear_cache()
-    scatter_pages.clear_cache()
+    offload_chunks.clear_cache()
+    restore_chunks.clear_cache()
     params = random_params(CONFIG, seed=3, dtype=jnp.float32)
     config = EngineConfig(max_batch_size=8, kv_cache_tokens=384, max_model_len=128, page_size=8,
                           prefill_chunk_size=32, max_num_batched_tokens=40, min_context_bucket=128,

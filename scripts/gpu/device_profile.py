@@ -1,10 +1,11 @@
 """Where a steady-state step's device time goes on a GPU: kernels by total time per step and launches per
 step, from a jax.profiler trace of a short window, after an untraced window's wall, host and dispatch times.
 Random weights and KV, requests placed at a context, acceptance replayed (the profile is about kernels, not
-acceptance).
+acceptance). Single decode steps by default: a profiler trace does not show the kernels inside a burst's loop.
 
   PYTHONPATH=$PWD python scripts/gpu/device_profile.py [--shape smollm2-shaped] [--batch 256] [--context 4096]
-      [--methods none pillar] [--steps 20] [--trace-dir DIR] [--no-trace]
+      [--methods none pillar] [--steps 20] [--burst-steps 1] [--trace-dir DIR]
+      [--no-trace]
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ def print_dispatch_by_layout(window, layouts) -> None:
 
 
 def profile(shape: str, method: str, params, batch: int, context: int, trace_dir: str, trace: bool,
-            steps: int = 20) -> None:
+            steps: int = 20, burst_steps: int = 1) -> None:
     max_len = context + 400
     config = EngineConfig(dtype="bfloat16", max_batch_size=batch, kv_cache_tokens=batch * max_len,
-                          max_model_len=max_len, max_num_batched_tokens=batch * (K + 1), min_context_bucket=max_len)
+                          max_model_len=max_len, max_num_batched_tokens=batch * (K + 1), min_context_bucket=max_len,
+                          burst_steps=burst_steps)
     spec = SpecConfig(method=method, k=K, replay_acceptance=REPLAY if method != "none" else None)
     engine = Engine(SHAPES[shape], params, placeholder_tokenizer(), config, spec)
     place_at_context(engine, batch, context, 300, seed=1)
@@ -125,12 +127,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["none", "pillar"])
     parser.add_argument("--trace-dir", default="/tmp/sparsespec-trace")
     parser.add_argument("--steps", type=int, default=20, help="steps per window")
+    parser.add_argument("--burst-steps", type=int, default=1, help="decode steps per jitted call (decode_burst.py)")
     parser.add_argument("--no-trace", action="store_true", help="only the untraced window's wall/host/dispatch")
     args = parser.parse_args()
     params = random_params(SHAPES[args.shape], seed=0, dtype=jnp.bfloat16)
     for method in args.methods:
         profile(args.shape, method, params, args.batch, args.context, args.trace_dir, not args.no_trace,
-                args.steps)
+                args.steps, args.burst_steps)
         gc.collect()         # an engine holds reference cycles: free its KV pool before the next one is made
 
 
