@@ -496,10 +496,10 @@ class Engine:
             cycles, tokens = self._burst_tokens(slots, newest, draft_index, sit_out, unread)
             victims = self._burst_victims(slots, newest, tokens) if self._in_flight is None else \
                 int(self._pages_short(slots, tokens).sum() > self.allocator.num_free)
-            if not victims:
-                break
             if victims is None:
                 return None, finished
+            if not victims:
+                break
             if self._in_flight is not None:
                 finished += self._settle()
             else:

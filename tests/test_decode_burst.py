@@ -1,7 +1,7 @@
 """Decode bursts (several steady-state steps per jitted call, planned on the device) never change what is
 generated, and the host's copy of the cycle counters stays the device's.
 
-The batch churns: 20 requests of mixed prompt and output lengths through 8 slots, so the engine enters and
+The batch churns: 16 requests of mixed prompt and output lengths through 8 slots, so the engine enters and
 leaves bursts many times (admissions, finishes, a small KV pool), and requests reach their length limits and
 stop tokens inside bursts.
 """
@@ -23,7 +23,7 @@ from sparsespec_jax.model import random_params
 from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
-NUM_REQUESTS = 20
+NUM_REQUESTS = 16
 ENGINE = dict(max_batch_size=8, kv_cache_tokens=2048, max_model_len=160, page_size=8, min_context_bucket=128,
               prefill_chunk_size=64)
 SPARSE = dict(spec_k=4, min_budget=24, budget_ratio=0.05)
@@ -36,7 +36,7 @@ def workload(tokenizer, stop_ids=()):
     for _ in range(NUM_REQUESTS):
         start = int(rng.integers(0, len(words) - 12))
         prompts.append(tokenizer.encode(" ".join(words[start:start + int(rng.integers(3, 12))])))
-        params.append(SamplingParams(temperature=0, max_tokens=int(rng.integers(8, 70)), ignore_eos=not stop_ids,
+        params.append(SamplingParams(temperature=0, max_tokens=int(rng.integers(8, 48)), ignore_eos=not stop_ids,
                                      stop_token_ids=list(stop_ids)))
     return prompts, params
 
@@ -54,7 +54,8 @@ def bursts_run(engine) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("method, mode", [
     ("none", dict(burst_steps=4)),
-    ("pillar", dict(burst_steps=4, kv_cache_tokens=320, host_kv_tokens=4096)),   # pages run short: offloads
+    # Pages run short: bursts offload and restore, and some cannot fit even after the offloads allowed.
+    ("pillar", dict(burst_steps=4, kv_cache_tokens=224, host_kv_tokens=4096)),
     ("pillar", dict(burst_steps=3, sync_host=True)),
     ("streaming", dict(burst_steps=5)),
     ("pillar", dict(burst_steps=4, scheduler="phased")),
