@@ -101,7 +101,7 @@ def run_row(cfg, params, tokenizer, args, method: str, scheduler: str, sync_host
               "restores": engine.num_restores, "peak_host_kv_tokens": engine.host_kv.peak_tokens,
               "tokens_fed_per_timed_step": tokens_series(window.steps)}
     del engine
-    gc.collect()                  # the engine holds reference cycles: free its KV pool before the next row
+    gc.collect()                  # an engine left in a reference cycle (a traceback) frees its KV pool
     result["device_ms"] = device_ms(cfg, params, tokenizer, args, method, scheduler, offload)
     return result
 

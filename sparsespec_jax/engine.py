@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import time
+import weakref
 from typing import Callable
 
 import jax
@@ -112,6 +113,14 @@ def _write_set(sets: DraftSets, slot, positions, count) -> DraftSets:
 @functools.partial(jax.jit, donate_argnames=("window",))
 def _write_newest(window, slot, token):
     return window.at[slot, 0].set(token)
+
+
+def _weak_callback(method: Callable) -> Callable:
+    """An engine method for the scheduler to call that does not keep the engine alive: a reference cycle would
+    hold the engine's KV pool and compiled programs until Python's next full garbage collection, so a process
+    making engine after engine (benchmarks, tests, RL loops) could run out of memory first."""
+    method = weakref.WeakMethod(method)
+    return lambda *args: method()(*args)
 
 
 @jax.jit
@@ -212,8 +221,8 @@ class Engine:
                                                        ngram_min=spec.ngram_min))
         self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_num_batched_tokens,
                                    config.prefill_chunk_size, self.max_model_len, self.limits.max_pages, policy,
-                                   evict=self._offload, restore=self._restore,
-                                   restore_reserve=self._restore_reserve if self._burst_fn else None)
+                                   evict=_weak_callback(self._offload), restore=_weak_callback(self._restore),
+                                   restore_reserve=_weak_callback(self._restore_reserve) if self._burst_fn else None)
         self.table = self.scheduler.table
         self.metrics = StepLog()
         self.num_restores = 0

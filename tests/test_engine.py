@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from conftest import FACTS_PROMPT, generate
@@ -55,6 +58,20 @@ def test_steps_that_compile_are_marked(make_engine, smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "pillar"])
+def test_a_dropped_engine_is_freed_at_once(make_engine, method):
+    """No reference cycle holds an engine (and its KV pool and compiled programs) until a full garbage
+    collection: a process making engine after engine would otherwise run out of memory first."""
+    engine = make_engine(method, burst_steps=4, max_model_len=256, kv_cache_tokens=1024, host_kv_tokens=1024)
+    dropped = weakref.ref(engine)
+    gc.disable()
+    try:
+        del engine
+        assert dropped() is None
+    finally:
+        gc.enable()
+
+
 def test_batch_invariance_with_chunked_prefill(make_engine, smollm2):
     """Each prompt's greedy output is the same alone and inside a continuously batched, chunk-prefilled batch."""
     prompts = [smollm2.tokenizer.encode(p) for p in MIXED_PROMPTS]

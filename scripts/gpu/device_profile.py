@@ -134,7 +134,7 @@ def main() -> None:
     for method in args.methods:
         profile(args.shape, method, params, args.batch, args.context, args.trace_dir, not args.no_trace,
                 args.steps, args.burst_steps)
-        gc.collect()         # an engine holds reference cycles: free its KV pool before the next one is made
+        gc.collect()         # an engine left in a reference cycle (a traceback) frees its KV pool
 
 
 if __name__ == "__main__":

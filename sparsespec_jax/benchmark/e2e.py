@@ -444,7 +444,7 @@ def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, c
         "device_memory": device_memory(),
     }
     del engine, requests, steps, steady, compiled, decode
-    gc.collect()                       # the engine holds reference cycles: free its KV pool before the next one
+    gc.collect()                       # an engine left in a reference cycle (a traceback) frees its KV pool
     sync_tokens = min(config.sync_tokens, config.new_tokens)
     engine, _ = _real_engine(model, prompt_ids, method, config, sync=True, max_tokens=sync_tokens, log=log)
     decode = [s for s in engine.metrics.steps if not s.prefill_rows]
@@ -587,7 +587,7 @@ def _window_point(engine: Engine, workload: str, method: str, batch: int, contex
         "device_memory": device_memory(),
     }
     del engine, window, timed, steady, compiled
-    gc.collect()                       # the engine holds reference cycles: free its KV pool before the next one
+    gc.collect()                       # an engine left in a reference cycle (a traceback) frees its KV pool
     return point
 
 
