@@ -117,8 +117,8 @@ def _write_newest(window, slot, token):
 
 def _weak_callback(method: Callable) -> Callable:
     """An engine method for the scheduler to call that does not keep the engine alive: a reference cycle would
-    hold the engine's KV pool and compiled programs until Python's next full garbage collection, so a process
-    making engine after engine (benchmarks, tests, RL loops) could run out of memory first."""
+    hold the engine's KV pool until Python's next full garbage collection, so a process making engine after
+    engine (benchmarks, tests, RL loops) could run out of device memory first."""
     method = weakref.WeakMethod(method)
     return lambda *args: method()(*args)
 

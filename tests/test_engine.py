@@ -60,8 +60,8 @@ def test_steps_that_compile_are_marked(make_engine, smollm2):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "pillar"])
 def test_a_dropped_engine_is_freed_at_once(make_engine, method):
-    """No reference cycle holds an engine (and its KV pool and compiled programs) until a full garbage
-    collection: a process making engine after engine would otherwise run out of memory first."""
+    """No reference cycle holds an engine (and its KV pool) until a full garbage collection: a process making
+    engine after engine would otherwise run out of device memory first."""
     engine = make_engine(method, burst_steps=4, max_model_len=256, kv_cache_tokens=1024, host_kv_tokens=1024)
     dropped = weakref.ref(engine)
     gc.disable()
