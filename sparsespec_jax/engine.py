@@ -330,12 +330,15 @@ class Engine:
                 finished += self._leave_bursts()
         if self._in_flight is not None and self.scheduler.pages_short():
             finished += self._settle()                  # evicting needs every request's state on the host
+        moves = self._moves()
         plan = self.scheduler.schedule()
         if plan is None:
             if self._in_flight is not None:
                 finished += self._settle()              # everyone waits for the step in flight
-            elif self.scheduler.has_unfinished():
+            elif self.scheduler.has_unfinished() and self._moves() == moves:
                 raise RuntimeError("scheduler made no progress: the KV pool cannot hold the next request")
+            # A step that only evicted and restored requests (the only ready request was the newest and made
+            # room by leaving) plans rows at the next one.
             self._record(started, plan, compilations)
             return finished
         batch = build_unified_batch(plan, self.table, self.limits, self.width, self.config.max_batch_size)
@@ -449,6 +452,10 @@ class Engine:
             self._burst_draft_index[slot], self._burst_sit_out[slot] = 0, sit_out
             self.counters = seed_counters(self.counters, *(np.array([value], np.int32) for value in
                                                            (slot, request.num_computed, 0, sit_out)))
+
+    def _moves(self) -> tuple[int, int, int]:
+        """Requests moved out of or back into slots so far (offloads, preemptions, restores)."""
+        return self.scheduler.num_offloads, self.scheduler.num_preemptions, self.num_restores
 
     def _restore_reserve(self, request: Request) -> int:
         """Pages a restore must leave free while bursts are on: the next burst's growth of the running requests

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import generate, run_requests, unaccounted_tokens
 import sparsespec_jax.engine as engine_module
+from sparsespec_jax.benchmark.shapes import placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.engine import Engine, EngineConfig
@@ -111,6 +112,42 @@ def test_finishing_offloading_and_restoring_in_one_step_loses_nothing(tiny_param
     assert engine.num_restores == engine.scheduler.num_offloads > 0
     assert mixed_steps > 0, "no step both finished requests and moved KV to or from host memory"
     assert engine.host_kv.used_tokens == 0 and engine.allocator.num_free == engine.allocator.num_pages - 1
+
+
+@pytest.mark.slow
+@pytest.mark.quick_compiles
+def test_a_step_that_only_moves_requests_is_progress():
+    """With the pool at its minimum the only ready request can be the newest one: it makes room by leaving
+    (offloaded), an older offloaded request comes back into its pages, and no row is planned. The engine goes
+    on at the next step instead of stopping with "no progress", and the tokens stay vanilla's. (A random
+    workload that reaches this: 17 requests through 4 slots and 24 pages.)"""
+    params = {name: np.asarray(value) * (1.0 if name.endswith("norm") else 3.0)
+              for name, value in random_params(TINY, seed=3, dtype=jnp.float32).items()}
+    rng = np.random.default_rng(115)
+    count = int(rng.integers(6, 24))
+    prompts = [rng.integers(3, 256, int(rng.integers(1, 40))).tolist() for _ in range(count)]
+    rng.random()                 # a draw the random workloads spend on stop tokens (none here)
+    sampling = [SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 90)), ignore_eos=True)
+                for _ in range(count)]
+    fields = dict(max_batch_size=4, max_model_len=160, page_size=8, min_context_bucket=160, burst_steps=1)
+    vanilla = Engine(TINY, params, placeholder_tokenizer(), EngineConfig(kv_cache_tokens=2048, sync_host=True,
+                                                                         **fields), SpecConfig(method="none"))
+    expected = generate(vanilla, prompts, sampling)
+    engine = Engine(TINY, params, placeholder_tokenizer(),
+                    EngineConfig(kv_cache_tokens=192, host_kv_tokens=4096, prefill_chunk_size=16, **fields),
+                    SpecConfig(method="streaming", k=K, min_budget=8, budget_ratio=0.1))
+    schedule, moved_only = engine.scheduler.schedule, []
+
+    def spied():
+        before = (engine.scheduler.num_offloads, engine.num_restores)
+        plan = schedule()
+        if plan is None and engine._in_flight is None:
+            moved_only.append((engine.scheduler.num_offloads, engine.num_restores) != before)
+        return plan
+
+    engine.scheduler.schedule = spied
+    assert generate(engine, prompts, sampling) == expected
+    assert any(moved_only), "the workload no longer reaches a step that only moves requests"
 
 
 def test_row_buckets_are_powers_of_two_below_64_tokens_and_finer_above():
