@@ -19,7 +19,9 @@ count per step flat. Phased scheduling aligns every verify to the same step (the
 
 When KV pages run out, the most recently admitted request is evicted: its KV goes to host memory if the host
 pool has room (restored before any new admission), otherwise it is preempted and recomputed later. Nothing
-is ever dropped.
+is ever dropped. New requests are admitted as soon as their first prompt chunk fits (output space is never
+reserved ahead); a preempted one only once its whole prefix and a cycle fit beside what the running requests
+may claim next (their prompts' rest, a cycle each).
 """
 
 from __future__ import annotations
@@ -313,6 +315,23 @@ class Scheduler:
         self.restore(request)
         return request
 
+    def _spare_pages(self) -> int:
+        """Free pages beyond what the running requests may claim next: the rest of their prompts, and the
+        growth pages_short() bounds (k + 1 tokens each)."""
+        table = self.table
+        slots = np.flatnonzero(table.active)
+        prefilling = table.prefilling(slots)
+        base = np.where(prefilling, table.total[slots], table.computed[slots])
+        target = np.minimum(base + self.policy.k + 1, table.cap[slots])
+        return self.allocator.num_free - int(table.pages_short_of(slots, target).sum())
+
+    def _readmission_pages(self, request: Request) -> int:
+        """Pages a preempted request is re-admitted against: its whole prefix and one cycle. The newest request
+        is the first evicted, so re-admitted into less room it would soon evict itself again, throwing its
+        recomputed prefix away (under steady pressure: recomputing it step after step)."""
+        cap = min(len(request.prompt_ids) + request.params.max_tokens, self.max_model_len)
+        return self.allocator.pages_needed(min(request.num_tokens + self.policy.k + 1, cap), 0)
+
     def pages_short(self) -> bool:
         """Whether this step might need more pages than are free (so an eviction may be ahead): an upper bound
         of every running request's growth, whatever its next row turns out to be."""
@@ -373,6 +392,8 @@ class Scheduler:
         while self.waiting and not self.offloaded and self.free_slots and budget > 0:
             request = self.waiting[0]
             n = min(self.prefill_chunk_size, request.num_tokens - request.num_computed, budget)
+            if request.stats.preemptions and self._readmission_pages(request) > self._spare_pages():
+                break
             if self.allocator.pages_needed(n, 0) > self.allocator.num_free:
                 break
             self.waiting.popleft()

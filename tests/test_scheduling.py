@@ -150,6 +150,29 @@ def test_a_step_that_only_moves_requests_is_progress():
     assert any(moved_only), "the workload no longer reaches a step that only moves requests"
 
 
+@pytest.mark.parametrize("sync_host", [True, False])
+def test_a_preempted_request_is_not_recomputed_over_and_over(tiny_params, sync_host):
+    """Under steady pressure without a host pool, a preempted request waits until its whole prefix fits beside
+    the running requests' next growth. Re-admitted as soon as a first chunk fitted, it was the newest request
+    again, so the first evicted: one request here was preempted over 30 times, evicting itself while
+    recomputing its prefix."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, 256, 96).tolist() for _ in range(8)]
+    sampling = [SamplingParams(temperature=0, max_tokens=int(rng.integers(20, 60)), ignore_eos=True) for _ in ids]
+    fields = dict(max_batch_size=8, max_model_len=160, page_size=8, min_context_bucket=160, burst_steps=1,
+                  prefill_chunk_size=32, max_num_batched_tokens=8 * (K + 1))
+    vanilla = Engine(TINY, tiny_params, placeholder_tokenizer(),
+                     EngineConfig(kv_cache_tokens=8 * 160, sync_host=True, **fields), SpecConfig(method="none"))
+    expected = generate(vanilla, ids, sampling)
+    engine = Engine(TINY, tiny_params, placeholder_tokenizer(),      # room for the prompts and 8 tokens each
+                    EngineConfig(kv_cache_tokens=8 * (96 + 8), host_kv_tokens=0, sync_host=sync_host, **fields),
+                    SpecConfig(method="pillar", k=K, min_budget=8, budget_ratio=0.1))
+    requests = run_requests(engine, ids, sampling)
+    assert [r.output_ids for r in requests] == expected
+    assert engine.scheduler.num_preemptions > 0, "the workload no longer preempts"
+    assert max(r.stats.preemptions for r in requests) <= 2
+
+
 def test_row_buckets_are_powers_of_two_below_64_tokens_and_finer_above():
     limits = BucketLimits(max_rows=256, max_tokens=4096, max_q_len=32, max_pages=64, page_size=8,
                           rows_per_doubling=4)
