@@ -199,8 +199,11 @@ class Scheduler:
         """Give a request a slot and make it running (its pages are granted by the caller)."""
         request.slot = self.free_slots.pop()
         request.status = RequestStatus.RUNNING
-        cap = min(len(request.prompt_ids) + request.params.max_tokens, self.max_model_len)
-        self.table.assign(request.slot, request, cap)
+        self.table.assign(request.slot, request, self._cap(request))
+
+    def _cap(self, request: Request) -> int:
+        """The most tokens a request may reach: its prompt and max_tokens, within the context."""
+        return min(len(request.prompt_ids) + request.params.max_tokens, self.max_model_len)
 
     # -- planning --------------------------------------------------------------------------------------
     def _phase_loads(self) -> np.ndarray:
@@ -329,8 +332,7 @@ class Scheduler:
         """Pages a preempted request is re-admitted against: its whole prefix and one cycle. The newest request
         is the first evicted, so re-admitted into less room it would soon evict itself again, throwing its
         recomputed prefix away (under steady pressure: recomputing it step after step)."""
-        cap = min(len(request.prompt_ids) + request.params.max_tokens, self.max_model_len)
-        return self.allocator.pages_needed(min(request.num_tokens + self.policy.k + 1, cap), 0)
+        return self.allocator.pages_needed(min(request.num_tokens + self.policy.k + 1, self._cap(request)), 0)
 
     def pages_short(self) -> bool:
         """Whether this step might need more pages than are free (so an eviction may be ahead): an upper bound
