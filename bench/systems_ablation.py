@@ -34,7 +34,7 @@ import numpy as np
 
 from common import RESULTS, device_description, markdown_table, today, write_result
 from sparsespec_jax.benchmark.e2e import (DEFAULT_PROMPTS, FILL_CHUNK, FILL_TOKENS, chat_token_ids,
-                                          context_prompts, read_prompts)
+                                          context_prompts, fill_steps, read_prompts, run_fill)
 from sparsespec_jax.benchmark.shapes import SHAPES, placeholder_tokenizer
 from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.benchmark.step_plot import plot_tokens_per_step, tokens_series
@@ -88,11 +88,6 @@ def load_workload(args) -> Workload:
                     loaded.tokenizer, context_prompts(prompt_ids, args.batch, args.context))
 
 
-def fill_steps(args) -> int:
-    """Steps a real fill takes: the batch's contexts at FILL_TOKENS per step, plus the last chunks' tail."""
-    return -(-args.batch * args.context // FILL_TOKENS) + -(-args.context // FILL_CHUNK)
-
-
 def placed_engine(workload: Workload, args, method: str, scheduler: str, sync_host: bool, offload: bool,
                   burst_steps: int = 1) -> tuple[Engine, float]:
     """An engine with the row's configuration and `--batch` requests at `--context`: placed with random KV
@@ -101,7 +96,7 @@ def placed_engine(workload: Workload, args, method: str, scheduler: str, sync_ho
     window = args.warmup + args.steps
     # Real fills: requests that finish prefilling first decode (up to a token per step, one verify more)
     # while the rest still prefill; the pool leaves that room on top of the window's headroom.
-    fill_growth = fill_steps(args) + args.k + 1 if workload.real else 0
+    fill_growth = fill_steps(args.batch, args.context) + args.k + 1 if workload.real else 0
     pool = args.batch * (args.context + fill_growth + args.headroom)
     need = args.batch * (args.context + fill_growth + window + args.k + 1)
     max_len = min(args.context + fill_growth + window + 64, workload.cfg.max_position_embeddings)
@@ -125,10 +120,7 @@ def placed_engine(workload: Workload, args, method: str, scheduler: str, sync_ho
         place_at_context(engine, args.batch, args.context, window, seed=1, reserve=0, params=sampling)
         return engine, float(args.context)
     requests = [engine.add_request(ids, p) for ids, p in zip(workload.context_ids, sampling)]
-    while any(not r.output_ids for r in requests):     # a prompt's first output token ends its prefill
-        engine.step()
-    engine.metrics.steps.clear()                        # the window starts after the fill
-    return engine, float(np.mean([r.num_tokens for r in requests]))
+    return engine, run_fill(engine, requests)
 
 
 def device_ms(workload: Workload, args, method: str, scheduler: str, offload: bool) -> float:
@@ -207,15 +199,15 @@ def main() -> None:
                      result["preemptions"], result["offloads"], result["restores"]])
         print(rows[-1], flush=True)
         if workload.real:
-            placement = (f"prefilled with real text to {args.context} tokens ({fill_steps(args)} fill steps of "
-                         f"{FILL_TOKENS} tokens before the window)")
+            placement = (f"prefilled with real text to {args.context} tokens ({fill_steps(args.batch, args.context)} "
+                         f"fill steps of {FILL_TOKENS} tokens before the window)")
             acceptance = f"Sampling at T={args.temperature}, the model's own acceptance (nothing replayed)."
         else:
             placement = f"placed at {args.context} tokens (random KV)"
             acceptance = f"Verify outcomes REPLAYED from {args.replay} (accepted 0..k), not computed."
         markdown = (f"# Systems ablation — {device}, {today()}\n\n"
-                    f"Model {workload.name} ({workload.weights}), pillar k={args.k}, batch {args.batch} {placement}, {args.warmup} "
-                    f"warm-up + {args.steps} timed steps per row, device pool batch x (context + "
+                    f"Model {workload.name} ({workload.weights}), pillar k={args.k}, batch {args.batch} {placement}, "
+                    f"{args.warmup} warm-up + {args.steps} timed steps per row, device pool batch x (context + "
                     f"{args.headroom}{' + fill growth' if workload.real else ''}) tokens. {acceptance} Device "
                     f"ms/step: median wait of a sync-mode engine of the row's configuration (one step per call) "
                     f"right after each dispatch, over {args.device_steps} steps. Decoder layers "

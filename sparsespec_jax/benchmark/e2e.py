@@ -510,14 +510,26 @@ def context_prompts(prompt_ids: Sequence[list[int]], batch: int, context: int) -
     return filled
 
 
+def fill_steps(batch: int, context: int) -> int:
+    """Steps a fill of `batch` contexts takes: FILL_TOKENS per step, plus the last chunks' tail."""
+    return math.ceil(batch * context / FILL_TOKENS) + math.ceil(context / FILL_CHUNK)
+
+
 def fill_growth(method: str, config: BenchConfig) -> int:
     """Tokens a request may decode while the rest of its batch is still prefilling (a request decodes from the
     step after its own prefill ends): the fill's steps at the largest batch and context, at the growth rate
     shaped_headroom allows per step ("none": one token, the least any method grows), plus one verify."""
-    context, batch = max(config.real_contexts), max(config.real_batch)
-    steps = math.ceil(batch * context / FILL_TOKENS) + math.ceil(context / FILL_CHUNK)
     per_step = math.ceil((config.k + 1) / 2) if method == "ngram" else 1
-    return steps * per_step + config.k + 1
+    return fill_steps(max(config.real_batch), max(config.real_contexts)) * per_step + config.k + 1
+
+
+def run_fill(engine: Engine, requests: Sequence) -> float:
+    """Step until every request's prompt is prefilled (its first output token ends that), then clear the step
+    log so a window starts after the fill; the requests' mean context then (the first done decoded since)."""
+    while any(not r.output_ids for r in requests):
+        engine.step()
+    engine.metrics.steps.clear()
+    return float(np.mean([r.num_tokens for r in requests]))
 
 
 def _prefilled_engine(model: RealModel, prompts: list[list[int]], method: str, config: BenchConfig,
@@ -536,10 +548,7 @@ def _prefilled_engine(model: RealModel, prompts: list[list[int]], method: str, c
     max_len = min(largest + fill_growth(method, config) + shaped_headroom(method, config), limit)
     engine, requests = _real_requests(model, prompts, method, config, sync, max_len, max_tokens=1 << 30,
                                       prefill_chunk=FILL_CHUNK, prefill_tokens=FILL_TOKENS)
-    while any(not r.output_ids for r in requests):     # a prompt's first output token ends its prefill
-        engine.step()
-    engine.metrics.steps.clear()                        # the window starts after the prefill
-    return engine, float(np.mean([r.num_tokens for r in requests]))
+    return engine, run_fill(engine, requests)
 
 
 def run_real_context_point(model: RealModel, prompt_ids: list[list[int]], batch: int, context: int, method: str,
