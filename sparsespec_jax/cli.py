@@ -39,6 +39,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec-k", type=int, default=8, help="drafts verified per round")
     parser.add_argument("--budget-ratio", type=float, default=0.05, help="PillarAttn budget, fraction of context")
     parser.add_argument("--min-budget", type=int, default=128, help="PillarAttn budget floor in tokens")
+    parser.add_argument("--recent-tokens", type=int, default=0,
+                        help="PillarAttn: always keep this many newest tokens in a draft set (0: the paper's sets)")
     parser.add_argument("--draft-min-context", type=int, default=0,
                         help="decode plainly until a request holds this many tokens of context, then draft "
                              "(speculation pays at long contexts; 0: always draft)")
@@ -120,6 +122,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", "--spec-k", type=int, default=None, dest="k", help="drafts per verify")
     parser.add_argument("--budget-ratio", type=float, default=None)
     parser.add_argument("--min-budget", type=int, default=None)
+    parser.add_argument("--recent-tokens", type=int, default=None, help="pillar: newest tokens always in a set")
     parser.add_argument("--draft-min-context", type=int, default=None,
                         help="draft methods decode plainly below this context (whole real generations)")
     parser.add_argument("--burst-steps", type=int, default=None,
@@ -147,6 +150,9 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     real.add_argument("--real-contexts", nargs="+", type=int, default=None,
                       help="steady-state windows with each context prefilled to these lengths, instead of whole "
                            "generations (long outputs at large batches within one run)")
+    real.add_argument("--real-context-source", choices=["prompts", "generated"], default=None,
+                      help="what fills those contexts: prompts back to back (default), or the model's own "
+                           "continuation of each prompt, generated once by vanilla decoding")
     shaped = parser.add_argument_group("shaped workload (random weights placed at a context, replayed acceptance)")
     shaped.add_argument("--shape", default=None,
                         help="qwen3-1.7b-shaped, qwen3-8b-shaped, smollm2-shaped or tiny-shaped")
@@ -230,7 +236,7 @@ def make_llm(args):
     from sparsespec_jax.spec.config import SpecConfig
 
     spec = SpecConfig(method=args.draft, k=args.spec_k, budget_ratio=args.budget_ratio, min_budget=args.min_budget,
-                      draft_min_context=args.draft_min_context)
+                      recent_tokens=args.recent_tokens, draft_min_context=args.draft_min_context)
     return LLM(args.model or DEFAULT_MODEL, dtype=args.dtype, max_batch_size=args.max_batch_size,
                kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_model_len=args.max_model_len,
                max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
@@ -403,11 +409,11 @@ def run_convert(args) -> int:
     return EXIT_OK
 
 
-BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "draft_min_context", "burst_steps",
-                "attention_backend",
+BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "recent_tokens", "draft_min_context",
+                "burst_steps", "attention_backend",
                 "unroll_layers", "min_batch_bucket", "row_buckets_per_doubling", "temperature", "seed",
                 "model", "real_random_shape", "prompts", "real_batch", "new_tokens", "real_dtype", "sync_tokens",
-                "real_contexts",
+                "real_contexts", "real_context_source",
                 "shape", "shaped_batch", "contexts", "warmup", "steps", "sync_steps", "prompt_length",
                 "output_lengths", "copy_mib", "attention_reps", "time_budget_s")
 

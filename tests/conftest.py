@@ -38,10 +38,11 @@ def make_engine(smollm2):
     """Build an engine on the shared SmolLM2 weights: make_engine(method="none", **engine_config_fields)."""
 
     def build(method: str = "none", spec_k: int = 8, min_budget: int = 128, budget_ratio: float = 0.05,
-              **fields) -> Engine:
+              recent_tokens: int = 0, **fields) -> Engine:
         fields.setdefault("kv_cache_tokens", 8192)
         fields.setdefault("max_model_len", 2048)
-        spec = SpecConfig(method=method, k=spec_k, min_budget=min_budget, budget_ratio=budget_ratio)
+        spec = SpecConfig(method=method, k=spec_k, min_budget=min_budget, budget_ratio=budget_ratio,
+                          recent_tokens=recent_tokens)
         return Engine(smollm2.config, smollm2.params, smollm2.tokenizer, EngineConfig(**fields), spec)
 
     return build

@@ -253,6 +253,30 @@ def test_context_prompts_fill_each_request_with_real_text_back_to_back():
         context_prompts([[1], []], 2, 4)
 
 
+def test_generated_contexts_are_the_models_own_continuation():
+    """--real-context-source generated: each context is request i's prompt and the model's vanilla continuation,
+    and an engine prefilled with a prefix of it samples the very tokens that followed (same seeds), so a window
+    times a stretch of that generation."""
+    config = smoke_config(real_context_source="generated")
+    model = e2e.load_real_model(config)
+    ids = e2e.chat_token_ids(model.tokenizer, ["Two plus two?", "Name a prime number above ten."], config.model)
+    length = max(map(len, ids)) + 16
+    contexts, generation = e2e.generated_contexts(model, ids, 3, length, config, log=lambda line: None)
+    assert [len(c) for c in contexts] == [length] * 3 and generation["batch"] == 3
+    for i, context in enumerate(contexts):
+        assert context[:len(ids[i % 2])] == ids[i % 2]          # prompt i (reused in order), then generated text
+    assert contexts[0] != contexts[2]                           # same prompt, another seed
+    cut, follow = length - 6, 6
+    engine, requests = e2e._real_requests(model, [c[:cut] for c in contexts], "none", config, sync=False,
+                                          max_len=length, max_tokens=follow)
+    e2e._generate(engine, requests, "continuation", 3 * follow, log=lambda line: None)
+    assert [list(r.output_ids) for r in requests] == [c[cut:] for c in contexts]
+    with pytest.raises(ValueError, match="must exceed the longest prompt"):
+        e2e.generated_contexts(model, ids, 2, max(map(len, ids)), config)
+    with pytest.raises(ValueError, match="real_context_source"):
+        smoke_config(real_context_source="random")
+
+
 @pytest.mark.slow
 def test_real_context_windows_prefill_real_text_and_time_each_context(tmp_path, capsys):
     """--real-contexts: every method gets a steady-state window at every context, after a real prefill."""

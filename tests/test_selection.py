@@ -9,6 +9,8 @@ import pytest
 
 from pallas_kernels.paged_attention.reference import gather_row_slots, ragged_paged_attention_reference
 from pallas_kernels.pillar_scores.reference import pillar_scores_paged_reference
+from sparsespec_jax.spec.config import SpecConfig
+from sparsespec_jax.spec.draft_sets import pillar_refresh
 from sparsespec_jax.spec.selection import SelectionError, append_slot, pillar_budget, select_tokens
 
 stacked_scores = jax.jit(pillar_scores_paged_reference, static_argnames=("page_size", "max_q_len", "scale"))
@@ -169,6 +171,33 @@ def test_selection_prefers_high_scores():
         for h in range(2):
             best = np.argsort(-scores[r, h, :length - 3], kind="stable")[:int(count[r]) - 3]
             assert set(np.asarray(positions[r, h, :count[r]])) == set(best) | set(range(length - 3, length))
+
+
+def test_a_recent_window_keeps_the_newest_tokens_and_top_k_fills_the_rest():
+    """SpecConfig.recent_tokens: every (layer, KV head) set holds the newest max(a + 1, recent_tokens) positions
+    even where older copies score higher, and the best older ones fill the rest of the budget; 0 keeps only
+    the verify's own a + 1 (the paper's sets)."""
+    rng = np.random.default_rng(14)
+    layers, rows, heads, keys = 2, 3, 2, 96
+    scores = rng.random((layers, rows, heads, keys)).astype(np.float32)
+    scores[..., 80:] = 0.0                              # the newest tokens are never among the best
+    kv_len, emitted = jnp.array([96, 90, 40]), jnp.array([3, 9, 1])
+    for recent in (0, 12):
+        spec = SpecConfig(method="pillar", budget_ratio=0.25, min_budget=16, recent_tokens=recent)
+        positions, count = jax.jit(pillar_refresh, static_argnums=(3, 4, 5))(
+            jnp.asarray(scores), kv_len, emitted, spec, 40, "reference")
+        budget = np.asarray(pillar_budget(kv_len, 0.25, 16))
+        np.testing.assert_array_equal(count, budget)
+        for r in range(rows):
+            kept = max(int(emitted[r]), recent)
+            older_end = int(kv_len[r]) - kept
+            for layer in range(layers):
+                for h in range(heads):
+                    chosen = set(np.asarray(positions[r, layer, h, :count[r]]).tolist())
+                    best = np.argsort(-scores[layer, r, h, :older_end], kind="stable")[:budget[r] - kept]
+                    assert chosen == set(best.tolist()) | set(range(older_end, int(kv_len[r]))), (recent, r)
+    with pytest.raises(ValueError, match="recent_tokens"):
+        SpecConfig(method="pillar", min_budget=16, recent_tokens=17)
 
 
 def test_append_slot_adds_each_draft_position_for_every_head():

@@ -47,13 +47,14 @@ def vanilla(make_engine, smollm2):
 @pytest.mark.parametrize("method, mode", [
     ("none", dict()),                                          # vanilla running ahead of the device
     ("pillar", dict()),                                        # unified + async (the default)
-    ("pillar", dict(sync_host=True)),                          # unified, host synced every step
+    ("pillar", dict(sync_host=True, recent_tokens=8)),         # unified, host synced, sets keep 8 newest
     ("pillar", dict(scheduler="phased", sync_host=True)),      # the naive sequential rounds
     ("streaming", dict()),
-], ids=["none-async", "pillar-unified-async", "pillar-unified-sync", "pillar-phased-sync", "streaming"])
+], ids=["none-async", "pillar-unified-async", "pillar-unified-sync-recent", "pillar-phased-sync", "streaming"])
 def test_every_mode_reproduces_vanilla(method, mode, vanilla, make_engine):
     prompts, params, expected = vanilla
     engine = make_engine(method, **SPARSE, **{**ENGINE, **mode})
+    assert engine.spec.recent_tokens == mode.get("recent_tokens", 0)
     requests = run_requests(engine, prompts, params)
     assert [r.output_ids for r in requests] == expected
     assert [len(out) for out in expected] == [p.max_tokens for p in params]

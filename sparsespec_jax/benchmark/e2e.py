@@ -12,6 +12,9 @@ same requests, one after the other in one process. Two workloads:
   steady-state windows replace whole generations: each request's context is filled to L tokens by prefilling
   chat-templated prompts back to back (real text, prefilled for real), then `warmup` and `steps` steps are
   timed with real acceptance, as for the shaped workload. Long outputs at large batches then fit a device call.
+  With `real_context_source="generated"` the contexts are the model's own continuations instead: one vanilla
+  generation from request i's prompt (seed seed + i, EOS ignored) to the largest context, cut to each L, so
+  a window continues the model's own reasoning as a whole generation does at that length.
 - shaped: random bf16 weights of a paper-scale shape; the batch is placed at context L with random KV (no
   prefill), `warmup` steps run, then `steps` steps are timed (compile steps left out). Random weights accept
   nothing meaningful, so verify outcomes are REPLAYED from a distribution over 0..k accepted drafts
@@ -56,6 +59,7 @@ from sparsespec_jax.spec.config import SpecConfig
 
 METHODS = ("none", "ngram", "streaming", "pillar")
 WORKLOADS = ("real", "shaped")
+CONTEXT_SOURCES = ("prompts", "generated")   # real contexts: prompts back to back, or the model's own continuation
 PAGE_SIZE = 16
 PREFILL_CHUNK = 256           # real workload: longest prompt chunk (the committed reasoning prompts fit in one)
 PREFILL_TOKENS = 2048         # real workload: token budget of a step, at least (prefill steps)
@@ -86,6 +90,7 @@ class BenchConfig:
     k: int = 8
     budget_ratio: float = 0.05
     min_budget: int = 128
+    recent_tokens: int = 0                           # SpecConfig.recent_tokens of pillar
     draft_min_context: int = 0                       # SpecConfig.draft_min_context of the draft methods
     burst_steps: int | None = None                   # EngineConfig.burst_steps of the throughput engines
     attention_backend: str = "auto"
@@ -103,6 +108,7 @@ class BenchConfig:
     real_dtype: str = "float32"
     sync_tokens: int = 32                            # tokens per request of the real workload's sync window
     real_contexts: tuple[int, ...] = ()              # steady-state windows at these contexts, not generations
+    real_context_source: str = "prompts"             # CONTEXT_SOURCES: what fills those contexts
     # shaped workload
     shape: str = "qwen3-8b-shaped"
     shaped_batch: tuple[int, ...] = (128,)
@@ -139,6 +145,9 @@ class BenchConfig:
         if self.warmup < self.k + 2:
             raise ValueError(f"bench warmup: must be >= k + 2 = {self.k + 2} steps so every request leaves its "
                              f"cold-start draft round before timing, got {self.warmup}")
+        if self.real_context_source not in CONTEXT_SOURCES:
+            raise ValueError(f"bench real_context_source: must be one of {CONTEXT_SOURCES}, "
+                             f"got {self.real_context_source!r}")
         if self.shape not in SHAPE_CHOICES:
             raise ValueError(f"bench shape: must be one of {tuple(SHAPE_CHOICES)}, got {self.shape!r}")
         if self.real_random_shape is not None and self.real_random_shape not in SHAPE_CHOICES:
@@ -177,7 +186,8 @@ class BenchConfig:
                                      f"give one of k + 1 = {self.k + 1} probabilities for {method} (k = {self.k})")
                 replay = DEFAULT_REPLAY
         return SpecConfig(method=method, k=self.k, budget_ratio=self.budget_ratio, min_budget=self.min_budget,
-                          draft_min_context=self.draft_min_context, replay_acceptance=replay)
+                          recent_tokens=self.recent_tokens, draft_min_context=self.draft_min_context,
+                          replay_acceptance=replay)
 
     def replay_description(self, method: str) -> dict:
         if method == "none":
@@ -400,17 +410,53 @@ def _real_engine(model: RealModel, prompt_ids, method: str, config: BenchConfig,
     batch = len(prompt_ids)
     max_len = max(map(len, prompt_ids)) + config.new_tokens + config.k + 1
     engine, requests = _real_requests(model, prompt_ids, method, config, sync, max_len, max_tokens)
+    _generate(engine, requests, f"{method} B{batch}{' sync' if sync else ''}", batch * max_tokens, log)
+    return engine, requests
+
+
+def _generate(engine: Engine, requests: Sequence, label: str, total_tokens: int,
+              log: Callable[[str], None]) -> None:
+    """Step until every request has finished; every PROGRESS_S a line says how far it got and how much of that
+    was compiling."""
     started = last_report = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
         if time.perf_counter() - last_report > PROGRESS_S:
             last_report = time.perf_counter()
             summary = engine.metrics.summary()
-            log(f"  {method} B{batch}{' sync' if sync else ''}: {last_report - started:.0f} s, "
-                f"step {engine.num_steps}, {sum(len(r.output_ids) for r in requests)} / {batch * max_tokens} tokens, "
+            log(f"  {label}: {last_report - started:.0f} s, step {engine.num_steps}, "
+                f"{sum(len(r.output_ids) for r in requests)} / {total_tokens} tokens, "
                 f"{summary['compile_steps']} compiling steps took {summary['compile_steps_s']:.0f} s")
     engine.drain()
-    return engine, requests
+
+
+def generated_contexts(model: RealModel, prompt_ids: Sequence[list[int]], batch: int, length: int,
+                       config: BenchConfig, log: Callable[[str], None] = print) -> tuple[list[list[int]], dict]:
+    """Per request, `length` tokens of the model's own reasoning: request i's prompt (prompt i, reused in order)
+    followed by what vanilla decoding samples after it (T = config.temperature, seed config.seed + i, EOS
+    ignored), cut to `length`. A window's engine samples with the same seeds, and sampling keys depend on the
+    request and the position only, so a window prefilled with a prefix of these contexts continues them as the
+    generation did (token for token unless rounding parts a prefilled K/V from the decoded one): it times a
+    stretch of this generation. Also returns how the generation went."""
+    prompts = [list(prompt_ids[i % len(prompt_ids)]) for i in range(batch)]
+    longest = max(map(len, prompts))
+    if length <= longest:
+        raise ValueError(f"bench real_contexts: the largest context ({length} tokens) must exceed the longest "
+                         f"prompt ({longest} tokens) to hold generated text")
+    new_tokens = length - min(map(len, prompts))
+    engine, requests = _real_requests(model, prompts, "none", config, sync=False, max_len=longest + new_tokens,
+                                      max_tokens=new_tokens)
+    started = time.perf_counter()
+    _generate(engine, requests, f"context generation B{batch}", batch * new_tokens, log)
+    seconds = time.perf_counter() - started
+    contexts = [(prompt + list(request.output_ids))[:length] for prompt, request in zip(prompts, requests)]
+    summary = engine.metrics.summary()
+    generation = {"method": "none", "batch": batch, "length": length, "seconds": seconds,
+                  "output_tokens": sum(len(r.output_ids) for r in requests),
+                  "compile_steps": summary["compile_steps"], "compile_s": summary["compile_steps_s"]}
+    del engine, requests
+    gc.collect()                       # an engine left in a reference cycle (a traceback) frees its KV pool
+    return contexts, generation
 
 
 def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, config: BenchConfig,
@@ -551,16 +597,23 @@ def _prefilled_engine(model: RealModel, prompts: list[list[int]], method: str, c
     return engine, run_fill(engine, requests)
 
 
-def run_real_context_point(model: RealModel, prompt_ids: list[list[int]], batch: int, context: int, method: str,
+def run_real_context_point(model: RealModel, prompts: list[list[int]], context: int, method: str,
                            config: BenchConfig) -> dict:
-    """Real text prefilled to `context` for `batch` requests, then `warmup` and `steps` timed steps with real
-    acceptance, then the sync-mode window of a second engine prefilled the same way."""
-    prompts = context_prompts(prompt_ids, batch, context)
-    engine, start = _prefilled_engine(model, prompts, method, config, sync=False)
-    point = _window_point(engine, "real", method, batch, context, config, start_context=start)
-    point["context_mean_at_start"] = start
+    """Real text (`prompts`, one of `context` tokens per request) prefilled, then `warmup` and `steps` timed
+    steps with real acceptance, then the sync-mode window of a second engine prefilled the same way."""
+    point = run_real_window(model, prompts, context, method, config)
     engine, start = _prefilled_engine(model, prompts, method, config, sync=True)
-    point["device_window"] = _sync_window(engine, batch, start, config)
+    point["device_window"] = _sync_window(engine, len(prompts), start, config)
+    return point
+
+
+def run_real_window(model: RealModel, prompts: list[list[int]], context: int, method: str,
+                    config: BenchConfig) -> dict:
+    """The throughput window alone: `prompts` (`context` tokens each) prefilled, then `warmup` and `steps` timed
+    steps with real acceptance."""
+    engine, start = _prefilled_engine(model, prompts, method, config, sync=False)
+    point = _window_point(engine, "real", method, len(prompts), context, config, start_context=start)
+    point["context_mean_at_start"] = start
     return point
 
 
@@ -728,18 +781,32 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
                                          "error": f"{type(error).__name__}: {error}"[:2000]})
                 log(f"FAILED real workload setup: {type(error).__name__}: {error}")
                 continue
-            result["workloads"]["real"] = {
+            result["workloads"]["real"] = real = {
                 "model": model.name, "random_weights": model.random_weights, "dtype": config.real_dtype,
                 "prompts": config.prompts, "distinct_prompts": len(prompts), "temperature": config.temperature,
                 "new_tokens": None if config.real_contexts else config.new_tokens,
-                "contexts": list(config.real_contexts), "warmup": config.warmup, "steps": config.steps,
-                "fill_tokens": FILL_TOKENS, "replayed": False}
+                "contexts": list(config.real_contexts), "context_source": config.real_context_source,
+                "warmup": config.warmup, "steps": config.steps, "fill_tokens": FILL_TOKENS, "replayed": False}
+            generated = None
+            if config.real_contexts and config.real_context_source == "generated":
+                try:
+                    generated, real["context_generation"] = generated_contexts(
+                        model, ids, max(config.real_batch), max(config.real_contexts), config, log)
+                except Exception as error:         # noqa: BLE001 - the other workload's results still count
+                    result["failed"].append({"point": "real workload (generated contexts)",
+                                             "error": f"{type(error).__name__}: {error}"[:2000]})
+                    log(f"FAILED real context generation: {type(error).__name__}: {error}")
+                    continue
+                log(f"contexts generated: {real['context_generation']['output_tokens']} tokens in "
+                    f"{real['context_generation']['seconds']:.0f} s")
             for batch in config.real_batch:
                 batch_ids = [ids[i % len(ids)] for i in range(batch)]
                 for context in config.real_contexts:
+                    contexts = ([text[:context] for text in generated[:batch]] if generated is not None
+                                else context_prompts(ids, batch, context))
                     for method in config.methods:
                         measure(f"real B{batch} L{context} {method}",
-                                lambda: run_real_context_point(model, ids, batch, context, method, config),
+                                lambda: run_real_context_point(model, contexts, context, method, config),
                                 model.config, DTYPES[config.real_dtype])
                 for method in config.methods if not config.real_contexts else ():
                     measure(f"real B{batch} {method}", lambda: run_real_point(model, batch_ids, method, config, log),

@@ -195,6 +195,8 @@ def markdown(result: dict, targets: list[dict]) -> str:
              f"above 64 tokens)"
              + (f", draft methods decoding plainly below {config['draft_min_context']} tokens of context"
                 if config.get("draft_min_context") else "")
+             + (f", pillar keeping the newest {config['recent_tokens']} tokens in every draft set"
+                if config.get("recent_tokens") else "")
              + (f", {burst_steps} decode steps per device call in steady state (n-gram and the sync-mode "
                 f"windows: 1)" if burst_steps > 1 else ", one decode step per device call")
              + ". Copy bandwidth (jitted x*2 over "
@@ -202,17 +204,27 @@ def markdown(result: dict, targets: list[dict]) -> str:
              f"{result['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s. Run time {result['elapsed_s']:.0f} s.", ""]
     real, shaped = result["workloads"].get("real"), result["workloads"].get("shaped")
     if real and real.get("contexts"):
+        generation = real.get("context_generation")
+        if generation:
+            filled = (f"the model's own reasoning: request i's chat-templated prompt i from {real['prompts']} and "
+                      f"its vanilla continuation (generated once at batch {generation['batch']} to "
+                      f"{generation['length']} tokens, {generation['output_tokens']} tokens in "
+                      f"{generation['seconds']:.0f} s, then cut to L)")
+            continued = "its own reasoning, as the whole generation continues at that length"
+        else:
+            filled = (f"chat-templated prompts from {real['prompts']} back to back (request i starting at "
+                      "prompt i)")
+            continued = "text the model continues after that context rather than its own reasoning"
         lines += [f"- real: {real['model']} ({real['dtype']}{', RANDOM weights' if real['random_weights'] else ''}), "
-                  f"steady-state windows: each request's context filled to L tokens by prefilling chat-templated "
-                  f"prompts from {real['prompts']} back to back (request i starting at prompt i; {real['fill_tokens']} "
-                  "tokens prefilled per step, so requests that finish their prefill first decode while the rest "
-                  "still prefill: mean context at the window's start, per point: "
+                  f"steady-state windows: each request's context filled to L tokens by prefilling {filled}; "
+                  f"{real['fill_tokens']} tokens prefilled per step, so requests that finish their prefill first "
+                  "decode while the rest still prefill: mean context at the window's start, per point: "
                   + ", ".join(f"{point_label(p)} {p['method']} {p['context_mean_at_start']:.0f}"
                               for p in result["points"] if "context_mean_at_start" in p)
-                  + "), then "
+                  + "; then "
                   f"{real['warmup']} warm-up + {real['steps']} timed steps at T={real['temperature']}, seeds "
                   f"{config['seed']}.., EOS ignored (compile steps left out); acceptance verified for real, on "
-                  "text the model continues after that context rather than its own reasoning."]
+                  f"{continued}."]
     elif real:
         lines += [f"- real: {real['model']} ({real['dtype']}{', RANDOM weights' if real['random_weights'] else ''}), "
                   f"chat-templated prompts from {real['prompts']} ({real['distinct_prompts']} distinct, reused in "

@@ -13,6 +13,10 @@ class SpecConfig:
     """method: pillar (PillarAttn sparse self-drafts, default), streaming (sink + recent window of the same
     budget), ngram (prompt lookup in the request's own tokens) or none (vanilla decoding).
     k drafts are verified per round; draft steps attend to max(min_budget, ceil(budget_ratio * L)) tokens.
+    recent_tokens (pillar): the newest this many positions are always in a refreshed set, the top-K filling the
+    rest of the budget. 0 keeps only the tokens the verify appended, as the paper does; a recent window helps
+    where the text repeats itself within it (a small model's long generations), since top-K picks the older
+    copies the verify queries attended to, not the positions the next drafts will need.
     draft_min_context: a request decodes plainly, one token per step, until it holds this many tokens of context,
     and drafts from then on. Speculation pays once a step's full KV reads dominate it; below that (on an H200,
     SmolLM2 at batch 128 below ~4k tokens, the Qwen3-8B shape below ~3.7k) plain decoding is faster. 0: draft
@@ -23,6 +27,7 @@ class SpecConfig:
     budget_ratio: float = 0.05
     min_budget: int = 128
     sink_tokens: int = 4
+    recent_tokens: int = 0
     ngram_max: int = 3
     ngram_min: int = 1
     draft_min_context: int = 0
@@ -43,6 +48,10 @@ class SpecConfig:
             raise ValueError(f"sink_tokens: must be an integer >= 0, got {self.sink_tokens!r}")
         if self.sink_tokens >= self.min_budget:
             raise ValueError(f"sink_tokens ({self.sink_tokens}) must be below min_budget ({self.min_budget})")
+        if not isinstance(self.recent_tokens, int) or isinstance(self.recent_tokens, bool) \
+                or not 0 <= self.recent_tokens <= self.min_budget:
+            raise ValueError(f"recent_tokens: must be an integer in [0, min_budget = {self.min_budget}], "
+                             f"got {self.recent_tokens!r}")
         if self.replay_acceptance is not None:
             probs = tuple(float(p) for p in self.replay_acceptance)
             if len(probs) != self.k + 1 or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-3):

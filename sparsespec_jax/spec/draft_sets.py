@@ -42,12 +42,14 @@ def with_draft_positions(positions, count, start, k: int):
 
 
 def pillar_refresh(scores, kv_len, num_recent, spec: SpecConfig, capacity: int, backend: str):
-    """New sets from verify scores [L, R, Hkv, S]: newest num_recent kept, best older ones fill the budget.
+    """New sets from verify scores [L, R, Hkv, S]: the newest max(num_recent, spec.recent_tokens) kept, the best
+    older ones fill the budget.
     All layers and heads of a row go through one top-K call, KV heads outermost so that under tensor
     parallelism each device's heads stay one contiguous block and their selection stays on that device."""
     layers, rows, heads, keys = scores.shape
     budget = pillar_budget(kv_len, spec.budget_ratio, spec.min_budget)
     per_row = scores.transpose(1, 2, 0, 3).reshape(rows, heads * layers, keys)
+    num_recent = jnp.maximum(num_recent, spec.recent_tokens)
     positions, count = select_tokens(per_row, kv_len, num_recent, budget, capacity, backend)
     return positions.reshape(rows, heads, layers, capacity).transpose(0, 2, 1, 3), count   # [R, L, Hkv, C], [R]
 
