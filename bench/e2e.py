@@ -16,6 +16,8 @@ What is measured, in this order (the time budget stops launching points after 48
    chat-templated reasoning prompts (bench/data) back to back, 16k tokens per fill step (requests done first
    decode meanwhile; the mean context at the window's start is recorded), then 20 warm-up and 32 timed steps
    at T=0.6 with real acceptance, then the sync-mode window. Batch 256 and 128 at 7680 and 4096 took 332 s.
+   `--real-context-source generated` fills the contexts with each prompt's own vanilla continuation instead
+   (generated once per run: 976k tokens took ~50 s at batch 128), so windows time stretches of whole generations.
    Whole generations instead: pass `--new-tokens N` (and no `--real-contexts`), which drops the contexts above
    (4096 tokens at batch 64 took ~4 minutes per method on the H200, compile included).
 
