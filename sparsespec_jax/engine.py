@@ -571,26 +571,24 @@ class Engine:
         valid = plan.generation == table.generation[plan.slot]    # else finished since: stale
         slots = plan.slot[valid]
         counts = outputs[:, slots, 0].T.astype(np.int64)           # [A, steps]
+        emitted = counts.sum(1)
         self._count_burst_rows(in_flight, valid, counts)
-        self._burst_newest[slots] += counts.sum(1)
+        self._burst_newest[slots] += emitted
         self._burst_unread[slots] -= plan.verifies[:, valid].sum(0)
         if self.width > 1:
             verified = counts > 0
             self.acceptance_counts += np.bincount(counts[verified] - 1, minlength=len(self.acceptance_counts))
-            requests = table.requests
-            for slot, verifies, emitted in zip(slots.tolist(), verified.sum(1).tolist(), counts.sum(1).tolist()):
-                stats = requests[slot].stats
-                stats.verifies += verifies
-                stats.drafted_tokens += verifies * (self.width - 1)
-                stats.accepted_tokens += emitted - verifies
+            verifies = verified.sum(1)
+            table.verifies[slots] += verifies
+            table.drafted[slots] += verifies * (self.width - 1)
+            table.accepted[slots] += emitted - verifies
         else:
-            table.decodes[slots] += counts.sum(1)
+            table.decodes[slots] += emitted
         if not len(slots):
             return []
         read = (np.arange(self.width) < counts[:, :, None]).reshape(len(slots), -1)   # [A, steps * (k + 1)]
         tokens = outputs[:, slots, 1:].transpose(1, 0, 2).reshape(read.shape)
-        order = np.argsort(~read, axis=1, kind="stable")            # each request's tokens first, in order
-        return self._take_tokens(slots, read.sum(1), np.take_along_axis(tokens, order, axis=1))
+        return self._take_tokens(slots, emitted, tokens[read])
 
     def _count_burst_rows(self, in_flight: _BurstInFlight, valid: np.ndarray, counts: np.ndarray) -> None:
         """Replace the planned row counts of a burst's metrics by the rows that ran: a request stops taking
@@ -695,52 +693,44 @@ class Engine:
         table.computed[slots[stalled]] = plan.cycle_start[rows[stalled]] + emitted[stalled]
         table.total[slots[stalled]] += emitted[stalled]
         table.pending[slots[flowing]] -= 1
-        requests = table.requests
         # A VERIFY row without drafts verified nothing: it is a plain decode and must not dilute acceptance.
         verify_or_decode = valid & (plan.kind[rows] == RowKind.VERIFY)
         verifying = plan.verifies[rows]
-        num_drafts = plan.num_drafts[rows]
         verified = np.flatnonzero(valid & verifying)
         self.acceptance_counts += np.bincount(emitted[verified] - 1, minlength=len(self.acceptance_counts))
-        for slot, drafts, count in zip(slots[verified].tolist(), num_drafts[verified].tolist(),
-                                       emitted[verified].tolist()):
-            stats = requests[slot].stats
-            stats.verifies += 1
-            stats.drafted_tokens += drafts
-            stats.accepted_tokens += count - 1
-        table.decodes[slots[verify_or_decode & ~verifying]] += 1     # slots differ: one row each
-        return self._take_tokens(slots[valid], emitted[valid], tokens[valid])
+        table.verifies[slots[verified]] += 1                         # slots differ: one row each
+        table.drafted[slots[verified]] += plan.num_drafts[rows[verified]]
+        table.accepted[slots[verified]] += emitted[verified] - 1
+        table.decodes[slots[verify_or_decode & ~verifying]] += 1
+        emitted, tokens = emitted[valid], tokens[valid]
+        return self._take_tokens(slots[valid], emitted, tokens[np.arange(tokens.shape[1]) < emitted[:, None]])
 
     def _take_tokens(self, slots: np.ndarray, emitted: np.ndarray, tokens: np.ndarray) -> list[Request]:
-        """Append the first emitted[i] of tokens[i] to the request in slots[i]; returns those that finished.
+        """Append to the request in each slots[i] its emitted[i] tokens, which follow each other in `tokens`
+        (slot after slot); returns the requests that finished.
 
-        Requests that cannot finish now (no stop token among their tokens, below the length limit, no stop
-        strings to match) are checked together and only append their tokens; the others take _append_tokens."""
+        Which requests may finish now (a stop token among their tokens, the length limit reached, stop strings
+        to match) is found for all at once; only those take _append_tokens, the others just extend their
+        outputs."""
         table, requests, now = self.table, self.table.requests, time.perf_counter()
         self._taken += int(emitted.sum())
-        read = np.arange(tokens.shape[1]) < emitted[:, None]
-        stop_hit = ((tokens[:, :, None] == table.stop_tokens[slots][:, None, :]).any(2) & read).any(1)
-        may_finish = stop_hit | table.stop_strings[slots] | (emitted >= table.cap[slots] - table.recorded[slots])
+        owner = np.repeat(np.arange(len(slots)), emitted)            # each token's index into slots
+        stop_hit = (tokens[:, None] == table.stop_tokens[slots][owner]).any(1)
+        may_finish = (np.bincount(owner[stop_hit], minlength=len(slots)) > 0) | table.stop_strings[slots] | \
+            (emitted >= table.cap[slots] - table.recorded[slots])
         table.recorded[slots] += emitted
         first = slots[table.before_first_token[slots] & (emitted > 0)]
         for slot in first.tolist():
             requests[slot].stats.first_token_time = now
         table.before_first_token[first] = False
-        appending = np.flatnonzero(~may_finish)
-        counts = emitted[appending]
-        if (counts == 1).all():                           # plain decoding: one token per row
-            for slot, token in zip(slots[appending].tolist(), tokens[appending, 0].tolist()):
-                requests[slot].output_ids.append(token)
-        else:
-            appended = tokens[appending][read[appending]].tolist()     # their tokens, row after row
-            start = 0
-            for slot, end in zip(slots[appending].tolist(), np.cumsum(counts).tolist()):
-                requests[slot].output_ids.extend(appended[start:end])
-                start = end
-        finished = []
-        for i in np.flatnonzero(may_finish):
-            request = requests[slots[i]]
-            if self._append_tokens(request, tokens[i, :emitted[i]].tolist(), now):
+        ends = np.cumsum(emitted)
+        finished, tokens = [], tokens.tolist()
+        for slot, start, end, finishing in zip(slots.tolist(), (ends - emitted).tolist(), ends.tolist(),
+                                               may_finish.tolist()):
+            request = requests[slot]
+            if not finishing:
+                request.output_ids.extend(tokens[start:end])
+            elif self._append_tokens(request, tokens[start:end], now):
                 finished.append(request)
         return finished
 

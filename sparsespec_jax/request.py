@@ -27,10 +27,11 @@ class RequestStats:
     steps: int = 0                 # engine iterations this request took part in
     preemptions: int = 0
     offloads: int = 0              # times its KV went to host memory and came back
+    # Counted per slot while it runs and added here when it leaves a slot (finished, evicted or preempted):
     drafted_tokens: int = 0        # speculative drafts proposed
     accepted_tokens: int = 0       # drafts accepted by verification
     verifies: int = 0              # rows that verified at least one draft (each emits accepted + 1 tokens)
-    decodes: int = 0               # tokens of rows without drafts (plain decoding), counted when it leaves a slot
+    decodes: int = 0               # tokens of rows without drafts (plain decoding)
 
     @property
     def acceptance_mean(self) -> float | None:

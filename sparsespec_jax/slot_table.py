@@ -44,6 +44,9 @@ class SlotTable:
         self.window_ready = np.zeros(num_slots, bool)     # the device slot window holds its newest token
         self.steps = np.zeros(num_slots, np.int64)        # steps it took part in since admission
         self.decodes = np.zeros(num_slots, np.int64)      # tokens read from its rows without drafts since then
+        self.verifies = np.zeros(num_slots, np.int64)     # its verifies with drafts read since then
+        self.drafted = np.zeros(num_slots, np.int64)      # drafts those verifies checked
+        self.accepted = np.zeros(num_slots, np.int64)     # drafts they accepted
         # One row more than slots: the spare slot's (index num_slots), all padding, which a batch's padding rows
         # gather so that page tables are built with one gather each.
         self.page_table = np.full((num_slots + 1, max_pages), PADDING_PAGE, np.int32)
@@ -79,7 +82,7 @@ class SlotTable:
         self.has_sets[slot] = request.has_sets
         self.window_ready[slot] = False
         self.steps[slot] = 0
-        self.decodes[slot] = 0
+        self.decodes[slot] = self.verifies[slot] = self.drafted[slot] = self.accepted[slot] = 0
         self.temperature[slot], self.top_p[slot] = params.temperature, params.top_p
         self.top_k[slot], self.seed[slot] = max(params.top_k, 0), request.seed
         self.recorded[slot] = request.num_tokens
@@ -98,8 +101,12 @@ class SlotTable:
         request = self.requests[slot]
         request.num_computed = int(self.computed[slot])
         request.has_sets = bool(self.has_sets[slot])
-        request.stats.steps += int(self.steps[slot])
-        request.stats.decodes += int(self.decodes[slot])
+        stats = request.stats
+        stats.steps += int(self.steps[slot])
+        stats.decodes += int(self.decodes[slot])
+        stats.verifies += int(self.verifies[slot])
+        stats.drafted_tokens += int(self.drafted[slot])
+        stats.accepted_tokens += int(self.accepted[slot])
         self.release_pages(slot)
         self.requests[slot] = None
         self.active[slot] = False

@@ -84,6 +84,8 @@ def profile(method: str, cfg, params, args) -> None:
     print(f"\n== {method}, batch {batch}, context {context}, {args.burst_steps} steps per call: host {host:.3f} "
           f"ms/step (mean over {steps} steps), dispatch {dispatch:.3f}, host - dispatch {host - dispatch:.3f}, "
           f"blocked {per_step(window, 'wait_ms'):.2f}, tokens/step {per_step(window, 'tokens'):.0f}, "
+          f"step {per_step(window, 'step_ms'):.3f} ms, "
+          f"{1e3 * per_step(window, 'emitted_tokens') / per_step(window, 'step_ms'):.0f} emitted tok/s, "
           f"jit cache {cache_before} -> {jitted._cache_size()}")
     print("   per step, ms: " + "  ".join(f"{label} {1e3 * total / steps:.3f}" for label, total in totals.items()))
     if profiler:
