@@ -715,7 +715,7 @@ class Engine:
         table, requests, now = self.table, self.table.requests, time.perf_counter()
         self._taken += int(emitted.sum())
         owner = np.repeat(np.arange(len(slots)), emitted)            # each token's index into slots
-        stop_hit = (tokens[:, None] == table.stop_tokens[slots][owner]).any(1)
+        stop_hit = (tokens[:, None] == table.stop_tokens[slots[owner]]).any(1)
         may_finish = (np.bincount(owner[stop_hit], minlength=len(slots)) > 0) | table.stop_strings[slots] | \
             (emitted >= table.cap[slots] - table.recorded[slots])
         table.recorded[slots] += emitted
