@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sparsespec_jax.sampling import (TRUNCATION_CANDIDATES, SamplingArrays, SamplingError, SamplingParams, Stream,
-                                     derive_seed, processed_log_probs, sample_tokens, token_key, truncation_cut)
+from sparsespec_jax import sampling
+from sparsespec_jax.sampling import (SamplingArrays, SamplingError, SamplingParams, Stream, derive_seed,
+                                     processed_log_probs, sample_tokens, token_key, truncation_cut)
 
 pytestmark = pytest.mark.quick_compiles
 
@@ -24,9 +25,10 @@ def reference_support(logits, temperature, top_k, top_p):
     scaled = logits.astype(np.float64) / temperature
     ordered = np.sort(scaled)[::-1]
     k = vocab if top_k <= 0 or top_k >= vocab else top_k
-    probs = np.exp(ordered[:k] - ordered[0])
+    in_top_k = ordered >= ordered[k - 1]                    # the k largest and every tie of the k-th
+    probs = np.exp(ordered[in_top_k] - ordered[0])
     probs /= probs.sum()
-    kept = k if top_p >= 1 else max(int(np.sum(np.cumsum(probs) - probs < top_p)), 1)
+    kept = in_top_k.sum() if top_p >= 1 else max(int(np.sum(np.cumsum(probs) - probs < top_p)), 1)
     support = scaled >= ordered[kept - 1]
     weights = np.where(support, np.exp(scaled - scaled.max()), 0.0)
     return support, weights / weights.sum()
@@ -109,41 +111,67 @@ def test_top_p_keeps_the_minimal_nucleus():
         assert probs[index].sum() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_combined_truncation_matches_reference_on_both_search_paths():
-    """V above the candidate window: peaked rows cut among the candidates, flat rows and large k fall back."""
+def test_combined_truncation_matches_reference_on_peaked_and_flat_rows():
+    """Peaked rows keep a few tokens, flat rows most of a vocabulary of thousands; a row's cut never depends on
+    the rest of the batch."""
     rng = np.random.default_rng(2)
-    vocab = TRUNCATION_CANDIDATES + 900
+    vocab = 1924
     spread = np.array([8.0, 8.0, 0.05, 0.05, 8.0, 0.05, 3.0])[:, None, None]
     logits = (rng.normal(size=(7, 2, vocab)) * spread).astype(np.float32)
     temperature = np.array([0.7, 1.0, 1.0, 1.3, 0.9, 1.0, 0.0])
-    top_k = np.array([0, 20, 0, 1500, 0, TRUNCATION_CANDIDATES + 100, 5])
+    top_k = np.array([0, 20, 0, 1500, 0, 1100, 5])
     top_p = np.array([0.9, 0.8, 0.95, 1.0, 1.0, 0.5, 0.5])
     out = check_against_reference(logits, temperature, top_k, top_p)
-    assert (out[2] > -np.inf).sum(-1).min() > TRUNCATION_CANDIDATES                   # the fallback really ran
+    assert (out[2] > -np.inf).sum(-1).min() > vocab // 2                              # flat: a wide nucleus
+    assert (out[0] > -np.inf).sum(-1).max() < 20                                       # peaked: a narrow one
     alone = processed(jnp.asarray(logits[:1]), jnp.asarray(temperature[:1], jnp.float32),
                       jnp.asarray(top_k[:1], jnp.int32), jnp.asarray(top_p[:1], jnp.float32))
     np.testing.assert_array_equal(np.asarray(alone)[0], out[0])                       # no batch dependence
 
 
-def test_static_cuts_match_the_dynamic_path_without_branching_on_device():
-    """A batch whose truncation is known on the host ("none", "candidates") gets the same distribution with no
-    data-dependent branch in the program (a branch would make the GPU dispatch wait for the step)."""
+@pytest.mark.parametrize("ways", [4, 16])
+def test_wider_searches_find_the_same_cuts(ways, monkeypatch):
+    """GPUs search 16 ways per pass where CPUs bisect (sampling._search_ways): every width finds the same cut."""
+    rng = np.random.default_rng(6)
+    logits = (rng.normal(size=(6, 1500)) * np.array([8.0, 0.05, 3.0, 1.0, 0.3, 5.0])[:, None]).astype(np.float32)
+    args = (logits, np.array([0.7, 1.0, 1.3, 0.6, 1.0, 0.9]), np.array([0, 0, 30, 900, 0, 2]),
+            np.array([0.9, 0.95, 0.8, 1.0, 0.5, 0.99]))
+    bisected = processed(*(jnp.asarray(a) for a in args))
+    monkeypatch.setattr(sampling, "_search_ways", lambda: ways)
+    wide = jax.jit(lambda *a: processed_log_probs(*a))(*(jnp.asarray(a) for a in args))      # a fresh trace
+    np.testing.assert_array_equal(np.asarray(wide), np.asarray(bisected))
+    check_against_reference(*args)
+
+
+def test_ties_at_the_cut_are_kept_whole():
+    """Equal logits at the k-th place or at the nucleus's edge are kept together, whatever their order."""
+    logits = np.array([[3.0, 1.0, 2.0, 2.0, 2.0, 0.0],
+                       [1.0, 2.0, 2.0, 0.0, 5.0, 2.0]], np.float32)
+    out = check_against_reference(logits, np.ones(2), np.array([2, 0]), np.array([1.0, 0.9]))
+    np.testing.assert_array_equal(out > -np.inf, [[1, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1]])
+
+
+def test_static_cuts_match_the_general_path_and_no_cut_branches_on_device():
+    """A batch whose truncation is known on the host ("none", "top_p") gets the distribution the general cut
+    gives, and no cut branches or loops on data (either would make a GPU dispatch wait for the step)."""
     rng = np.random.default_rng(4)
-    vocab = TRUNCATION_CANDIDATES + 300
+    vocab = 1324
     logits = (rng.normal(size=(5, vocab)) * 3).astype(np.float32)
     cases = {"none": (np.array([0.0, 0.7, 1.2, 0.0, 0.9]), np.array([0, 0, 0, 3, 0]), np.ones(5)),
-             "candidates": (np.array([0.7, 1.0, 0.0, 1.3, 0.8]), np.array([1, 40, 0, TRUNCATION_CANDIDATES, 7]),
-                            np.array([1.0, 0.6, 0.3, 0.9, 1.0]))}
+             "top_p": (np.array([0.7, 1.0, 0.0, 1.3, 0.8]), np.array([0, 0, 40, 0, 0]),
+                       np.array([1.0, 0.6, 0.3, 0.9, 1.0])),
+             "top_k_top_p": (np.array([0.7, 1.0, 0.0, 1.3, 0.8]), np.array([1, 40, 0, vocab + 1, 7]),
+                             np.array([1.0, 0.6, 0.3, 0.9, 1.0]))}
     for cut, (temperature, top_k, top_p) in cases.items():
         assert truncation_cut(temperature, top_k, top_p) == cut
         args = (jnp.asarray(logits), jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                 jnp.asarray(top_p, jnp.float32))
         static = jax.jit(processed_log_probs, static_argnames="cut")
         np.testing.assert_array_equal(np.asarray(static(*args, cut=cut)), np.asarray(processed(*args)))
-        assert "case" not in static.lower(*args, cut=cut).as_text()
-    assert "case" in jax.jit(processed_log_probs).lower(*args).as_text()
-    assert truncation_cut(np.array([0.6]), np.array([0]), np.array([0.95])) == "dynamic"
-    assert truncation_cut(np.array([0.6]), np.array([TRUNCATION_CANDIDATES + 1]), np.array([1.0])) == "dynamic"
+        program = static.lower(*args, cut=cut).as_text()
+        assert "case" not in program and "while" not in program and "sort" not in program
+    assert truncation_cut(np.array([0.6]), np.array([0]), np.array([0.95])) == "top_p"
+    assert truncation_cut(np.array([0.6, 0.0]), np.array([0, 20]), np.array([0.95, 1.0])) == "top_p"   # greedy row
 
 
 def test_temperature_zero_is_the_argmax_point_mass():

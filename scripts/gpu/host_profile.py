@@ -29,6 +29,7 @@ from sparsespec_jax.benchmark.steady_state import place_at_context
 from sparsespec_jax.benchmark.timed_window import per_step, run_steps
 from sparsespec_jax.engine import Engine, EngineConfig
 from sparsespec_jax.model import random_params
+from sparsespec_jax.sampling import SamplingParams
 from sparsespec_jax.spec.config import SpecConfig
 
 REPLAY = (0.08, 0.05, 0.05, 0.05, 0.06, 0.07, 0.08, 0.10, 0.46)
@@ -67,7 +68,10 @@ def profile(method: str, cfg, params, args) -> None:
                                (engine, "_read_burst", "read burst (incl. wait)"),
                                (engine, "_record_burst", "record burst")):
         timed(owner, name, label, totals)
-    place_at_context(engine, batch, context, args.warmup + args.steps + 50, seed=1)
+    new_tokens = args.warmup + args.steps + 50
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=new_tokens,
+                              ignore_eos=True)
+    place_at_context(engine, batch, context, new_tokens, seed=1, params=sampling)
     run_steps(engine, args.warmup)
     cache_before = jitted._cache_size()
     totals.clear()
@@ -105,6 +109,9 @@ def main() -> None:
     parser.add_argument("--tensor-parallel", type=int, default=1, help="devices the engine's heads are split over")
     parser.add_argument("--unroll-layers", action="store_true", help="trace every layer into the step (no loop)")
     parser.add_argument("--burst-steps", type=int, default=1, help="decode steps per jitted call (decode_burst.py)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="every request's; 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="every request's nucleus (1 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="every request's top-k (0 = off)")
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
