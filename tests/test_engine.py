@@ -35,7 +35,7 @@ MIXED_PROMPTS = [
 
 
 def test_capital_of_italy_is_rome(make_engine, smollm2):
-    engine = make_engine()
+    engine = make_engine(model=smollm2)
     [out] = generate(engine, [smollm2.tokenizer.encode(FACTS_PROMPT)], SamplingParams(temperature=0, max_tokens=4))
     assert smollm2.tokenizer.decode(out).startswith(" Rome")
 
@@ -133,7 +133,7 @@ def test_top_k_and_top_p_restrict_support(make_engine, smollm2):
 def test_stop_conditions(make_engine, smollm2):
     tok = smollm2.tokenizer
     ids = tok.encode(FACTS_PROMPT)
-    engine = make_engine(max_batch_size=4)
+    engine = make_engine(max_batch_size=4, model=smollm2)
     by_length = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     by_string = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=40, stop=("capital",)))
     chat = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say hello."}]), add_special_tokens=False)

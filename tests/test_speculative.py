@@ -26,7 +26,7 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 
 def test_pillar_reports_acceptance_and_beats_one_token_per_step(make_engine, smollm2):
-    engine = make_engine("pillar", max_batch_size=2, **SPARSE)
+    engine = make_engine("pillar", max_batch_size=2, model=smollm2, **SPARSE)      # acceptance: the real model
     ids = prompt_ids(smollm2.tokenizer)[2]
     request = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=96, ignore_eos=True))
     engine.run()

@@ -84,11 +84,11 @@ def test_tiny_qwen3_on_two_and_four_devices_generates_what_one_device_does(tiny_
 @pytest.mark.slow
 def test_smollm2_on_three_devices_generates_what_one_device_does(make_engine, smollm2):
     prompts = [smollm2.tokenizer.encode(p) for p in SMOLLM2_PROMPTS]
-    expected = generate(make_engine("none", tensor_parallel=1, **SMOLLM2_ENGINE), prompts, GREEDY)
+    expected = generate(make_engine("none", tensor_parallel=1, model=smollm2, **SMOLLM2_ENGINE), prompts, GREEDY)
     assert smollm2.tokenizer.decode(expected[0]).startswith(" Rome")
     split = {}
     for method in ("none", "pillar"):
-        engine = make_engine(method, tensor_parallel=3, **SMOLLM2_ENGINE)
+        engine = make_engine(method, tensor_parallel=3, model=smollm2, **SMOLLM2_ENGINE)
         split[method] = generate(engine, prompts, GREEDY)
         assert_heads_split(engine, 3)
     assert split == dict.fromkeys(split, expected)
