@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean
+.PHONY: run test test-all venv clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,11 @@ run: $(STAMP)
 	$(VENV)/bin/sparsespec generate --chat --max-tokens 128 \
 	  --prompt "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May? Think step by step."
 
+# CI's suite: every capability, within 20 minutes on 2 cores. test-all adds the tests marked `extended`.
 test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not extended" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 clean:

@@ -39,7 +39,7 @@ def run(tiny_params, tokenizer, backend: str, method: str) -> list[list[int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["none", "pillar"])
+@pytest.mark.parametrize("method", [pytest.param("none", marks=pytest.mark.extended), "pillar"])
 def test_pallas_and_reference_backends_agree(tiny_params, smollm2, method):
     reference = run(tiny_params, smollm2.tokenizer, "reference", method)
     pallas = run(tiny_params, smollm2.tokenizer, "pallas", method)

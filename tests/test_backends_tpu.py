@@ -40,6 +40,7 @@ def run(tiny_params, tokenizer, backend: str):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_tpu_kernels_and_reference_backends_agree_on_pillar_drafting(tiny_params, smollm2):  # noqa: F811
     reference = run(tiny_params, smollm2.tokenizer, "reference")
     tpu = run(tiny_params, smollm2.tokenizer, "pallas-tpu")

@@ -31,6 +31,7 @@ def result_name():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_smoke_run_reports_every_degree_and_method_and_passes_the_check(result_name):
     env = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])

@@ -56,9 +56,10 @@ def bursts_run(engine) -> int:
     ("none", dict(burst_steps=4)),
     # Pages run short: bursts offload and restore, and some cannot fit even after the offloads allowed.
     ("pillar", dict(burst_steps=4, kv_cache_tokens=224, host_kv_tokens=4096)),
-    ("pillar", dict(burst_steps=3, sync_host=True)),
-    ("streaming", dict(burst_steps=5)),
-    ("pillar", dict(burst_steps=4, scheduler="phased")),
+    # Other modes of the same bursts: make test-all.
+    pytest.param("pillar", dict(burst_steps=3, sync_host=True), marks=pytest.mark.extended),
+    pytest.param("streaming", dict(burst_steps=5), marks=pytest.mark.extended),
+    pytest.param("pillar", dict(burst_steps=4, scheduler="phased"), marks=pytest.mark.extended),
 ], ids=["none", "pillar-offload", "pillar-sync", "streaming", "pillar-phased"])
 def test_bursts_reproduce_vanilla(method, mode, vanilla, make_engine):
     prompts, params, expected = vanilla
@@ -178,6 +179,7 @@ TINY = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_si
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_bursts_keep_running_under_kv_pressure():
     """A pool that leaves each request 32 tokens to grow, requests finishing all along (the systems ablation's
     offload row, small): bursts make room by offloading the newest requests, enter with cycles the host had

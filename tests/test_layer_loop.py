@@ -29,7 +29,7 @@ def rows_of(layout, group: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["none", "pillar"])
+@pytest.mark.parametrize("method", [pytest.param("none", marks=pytest.mark.extended), "pillar"])
 def test_unrolled_layers_match_the_layer_loop(method):
     params = random_params(MODEL, seed=3, dtype=jnp.float32)
     rng = np.random.default_rng(0)
@@ -46,6 +46,7 @@ def test_unrolled_layers_match_the_layer_loop(method):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_unrolled_pillar_step_does_not_copy_the_kv_pool():
     """Each layer's attention reads the pool the next layer updates in place, and the score pass reads it after
     the last layer; a read XLA cannot order before a write makes it keep a copy of the whole pool per layer

@@ -92,6 +92,7 @@ def test_a_verify_read_early_still_sits_out_its_step(tiny_params, smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_finishing_offloading_and_restoring_in_one_step_loses_nothing(tiny_params, smollm2):
     ids = prompts(32, seed=1)
     rng = np.random.default_rng(2)
@@ -150,7 +151,7 @@ def test_a_step_that_only_moves_requests_is_progress():
     assert any(moved_only), "the workload no longer reaches a step that only moves requests"
 
 
-@pytest.mark.parametrize("sync_host", [True, False])
+@pytest.mark.parametrize("sync_host", [pytest.param(True, marks=pytest.mark.extended), False])
 def test_a_preempted_request_is_not_recomputed_over_and_over(tiny_params, sync_host):
     """Under steady pressure without a host pool, a preempted request waits until its whole prefix fits beside
     the running requests' next growth. Re-admitted as soon as a first chunk fitted, it was the newest request
@@ -159,7 +160,7 @@ def test_a_preempted_request_is_not_recomputed_over_and_over(tiny_params, sync_h
     rng = np.random.default_rng(0)
     ids = [rng.integers(3, 256, 96).tolist() for _ in range(8)]
     sampling = [SamplingParams(temperature=0, max_tokens=int(rng.integers(20, 60)), ignore_eos=True) for _ in ids]
-    fields = dict(max_batch_size=8, max_model_len=160, page_size=8, min_context_bucket=160, burst_steps=1,
+    fields = dict(max_batch_size=8, max_model_len=160, page_size=8, min_context_bucket=160 + K, burst_steps=1,
                   prefill_chunk_size=32, max_num_batched_tokens=8 * (K + 1))
     vanilla = Engine(TINY, tiny_params, placeholder_tokenizer(),
                      EngineConfig(kv_cache_tokens=8 * 160, sync_host=True, **fields), SpecConfig(method="none"))

@@ -47,8 +47,9 @@ def vanilla(make_engine, smollm2):
 @pytest.mark.parametrize("method, mode", [
     ("none", dict()),                                          # vanilla running ahead of the device
     ("pillar", dict()),                                        # unified + async (the default)
-    ("pillar", dict(sync_host=True, recent_tokens=8)),         # unified, host synced, sets keep 8 newest
-    ("pillar", dict(scheduler="phased", sync_host=True)),      # the naive sequential rounds
+    # unified, host synced, sets keep the 8 newest; the naive sequential rounds (make test-all)
+    pytest.param("pillar", dict(sync_host=True, recent_tokens=8), marks=pytest.mark.extended),
+    pytest.param("pillar", dict(scheduler="phased", sync_host=True), marks=pytest.mark.extended),
     ("streaming", dict()),
 ], ids=["none-async", "pillar-unified-async", "pillar-unified-sync-recent", "pillar-phased-sync", "streaming"])
 def test_every_mode_reproduces_vanilla(method, mode, vanilla, make_engine):
@@ -111,6 +112,7 @@ def test_kv_pool_ten_times_too_small_offloads_and_restores(vanilla, make_engine)
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_without_host_pool_eviction_recomputes(vanilla, make_engine):
     """Pillar rounds need k spare slots per row; a tight pool with no host pool preempts and recomputes, and the
     tokens do not change."""

@@ -82,6 +82,7 @@ def test_tiny_qwen3_on_two_and_four_devices_generates_what_one_device_does(tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_smollm2_on_three_devices_generates_what_one_device_does(make_engine, smollm2):
     prompts = [smollm2.tokenizer.encode(p) for p in SMOLLM2_PROMPTS]
     expected = generate(make_engine("none", tensor_parallel=1, model=smollm2, **SMOLLM2_ENGINE), prompts, GREEDY)
