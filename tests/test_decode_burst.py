@@ -27,6 +27,8 @@ NUM_REQUESTS = 16
 ENGINE = dict(max_batch_size=8, kv_cache_tokens=2048, max_model_len=160, page_size=8, min_context_bucket=128,
               prefill_chunk_size=64)
 SPARSE = dict(spec_k=4, min_budget=24, budget_ratio=0.05)
+# Pages run short: bursts offload and restore, and some cannot fit even after the offloads allowed.
+OFFLOADING = dict(burst_steps=4, kv_cache_tokens=224, host_kv_tokens=4096)
 
 
 def workload(tokenizer, stop_ids=()):
@@ -54,8 +56,7 @@ def bursts_run(engine) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("method, mode", [
     ("none", dict(burst_steps=4)),
-    # Pages run short: bursts offload and restore, and some cannot fit even after the offloads allowed.
-    ("pillar", dict(burst_steps=4, kv_cache_tokens=224, host_kv_tokens=4096)),
+    ("pillar", OFFLOADING),
     # Other modes of the same bursts: make test-all.
     pytest.param("pillar", dict(burst_steps=3, sync_host=True), marks=pytest.mark.extended),
     pytest.param("streaming", dict(burst_steps=5), marks=pytest.mark.extended),
@@ -90,7 +91,7 @@ def test_bursts_stop_at_stop_tokens_like_vanilla(vanilla, make_engine, smollm2):
     stop = int(np.bincount(tokens).argmax())               # a token the outputs do produce, mid-stream
     prompts, params = workload(smollm2.tokenizer, stop_ids=[stop])
     expected = generate(make_engine("none", sync_host=True, **ENGINE), prompts, params)
-    engine = make_engine("pillar", burst_steps=4, **SPARSE, **ENGINE)
+    engine = make_engine("pillar", **SPARSE, **{**ENGINE, **OFFLOADING})     # the programs of the test above
     requests = run_requests(engine, prompts, params)
     assert [r.output_ids for r in requests] == expected
     stopped = [r for r in requests if r.finish_reason == "stop"]
@@ -104,7 +105,7 @@ def test_host_counters_follow_the_device(make_engine, smollm2):
     """Mid-run, the host's copy of each request's cycle counters (advanced without reading the device) and of
     its committed position (learned from outputs) equal the device's counters."""
     prompts, params = workload(smollm2.tokenizer)
-    engine = make_engine("pillar", burst_steps=3, **SPARSE, **ENGINE)
+    engine = make_engine("pillar", **SPARSE, **{**ENGINE, **OFFLOADING})
     for ids, p in zip(prompts[:8], params[:8]):
         engine.add_request(ids, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
     checked = 0

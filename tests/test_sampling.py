@@ -151,9 +151,10 @@ def test_ties_at_the_cut_are_kept_whole():
     np.testing.assert_array_equal(out > -np.inf, [[1, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1]])
 
 
-def test_static_cuts_match_the_general_path_and_no_cut_branches_on_device():
+def test_static_cuts_match_the_general_path_and_no_cut_branches_on_device(monkeypatch):
     """A batch whose truncation is known on the host ("none", "top_p") gets the distribution the general cut
-    gives, and no cut branches or loops on data (either would make a GPU dispatch wait for the step)."""
+    gives, and no cut branches on data or loops on a GPU (either would make a GPU dispatch wait for the step);
+    elsewhere the search's passes are one loop of a fixed count."""
     rng = np.random.default_rng(4)
     vocab = 1324
     logits = (rng.normal(size=(5, vocab)) * 3).astype(np.float32)
@@ -169,6 +170,13 @@ def test_static_cuts_match_the_general_path_and_no_cut_branches_on_device():
         static = jax.jit(processed_log_probs, static_argnames="cut")
         np.testing.assert_array_equal(np.asarray(static(*args, cut=cut)), np.asarray(processed(*args)))
         program = static.lower(*args, cut=cut).as_text()
+        assert "case" not in program and "sort" not in program
+        assert program.count("stablehlo.while") == {"none": 0, "top_p": 1, "top_k_top_p": 2}[cut]
+        with monkeypatch.context() as patch:
+            patch.setattr(sampling, "_unrolled_search", lambda: True)
+            as_on_gpu = jax.jit(lambda *a, cut: processed_log_probs(*a, cut=cut), static_argnames="cut")
+            np.testing.assert_array_equal(np.asarray(as_on_gpu(*args, cut=cut)), np.asarray(processed(*args)))
+            program = as_on_gpu.lower(*args, cut=cut).as_text()
         assert "case" not in program and "while" not in program and "sort" not in program
     assert truncation_cut(np.array([0.6]), np.array([0]), np.array([0.95])) == "top_p"
     assert truncation_cut(np.array([0.6, 0.0]), np.array([0, 20]), np.array([0.95, 1.0])) == "top_p"   # greedy row

@@ -38,6 +38,7 @@ def test_pillar_reports_acceptance_and_beats_one_token_per_step(make_engine, smo
     assert stats.acceptance_mean > 1.0, "sparse self-drafts of the same model should mostly be accepted"
 
 
+@pytest.mark.extended
 def test_sampled_speculation_runs_and_respects_max_tokens(make_engine, smollm2):
     engine = make_engine("pillar", max_batch_size=2, **SPARSE)
     ids = prompt_ids(smollm2.tokenizer)[0]
