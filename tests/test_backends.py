@@ -30,7 +30,7 @@ def tiny_params():
 def run(tiny_params, tokenizer, backend: str, method: str) -> list[list[int]]:
     engine = Engine(TINY, tiny_params, tokenizer,
                     EngineConfig(max_batch_size=2, kv_cache_tokens=1024, max_model_len=256, page_size=8,
-                                 prefill_chunk_size=16, max_num_batched_tokens=32, attention_backend=backend,
+                                 prefill_chunk_size=16, max_num_batched_tokens=16, attention_backend=backend,
                                  min_context_bucket=64),
                     SpecConfig(method=method, k=3, min_budget=8, budget_ratio=0.1))
     rng = np.random.default_rng(0)

@@ -188,6 +188,7 @@ def test_row_buckets_are_powers_of_two_below_64_tokens_and_finer_above():
 
 
 @pytest.mark.quick_compiles
+@pytest.mark.extended
 def test_finely_bucketed_verify_groups_change_no_outputs(tiny_params, smollm2, monkeypatch):
     """Once two of 16 requests finish, the other 14 verify together at k=4: 70 tokens, past 64, so their group
     is padded to 14 rows rather than 16; the token streams stay those of vanilla decoding."""
