@@ -454,8 +454,6 @@ def generated_contexts(model: RealModel, prompt_ids: Sequence[list[int]], batch:
     generation = {"method": "none", "batch": batch, "length": length, "seconds": seconds,
                   "output_tokens": sum(len(r.output_ids) for r in requests),
                   "compile_steps": summary["compile_steps"], "compile_s": summary["compile_steps_s"]}
-    del engine, requests
-    gc.collect()                       # an engine left in a reference cycle (a traceback) frees its KV pool
     return contexts, generation
 
 
@@ -489,16 +487,13 @@ def run_real_point(model: RealModel, prompt_ids: list[list[int]], method: str, c
         "throughput_composition": _composition(decode, prompt_mean + config.new_tokens / 2, "throughput window"),
         "device_memory": device_memory(),
     }
-    del engine, requests, steps, steady, compiled, decode
-    gc.collect()                       # an engine left in a reference cycle (a traceback) frees its KV pool
+    del engine, requests, steps, steady, compiled, decode     # the sync-mode engine's pool takes its place
     sync_tokens = min(config.sync_tokens, config.new_tokens)
     engine, _ = _real_engine(model, prompt_ids, method, config, sync=True, max_tokens=sync_tokens, log=log)
     decode = [s for s in engine.metrics.steps if not s.prefill_rows]
     if len(decode) > 2 * (config.k + 2):
         decode = decode[config.k + 2:]                 # past the cold-start draft round
     point["device_window"] = _device_window(decode, prompt_mean + sync_tokens / 2)
-    del engine, decode
-    gc.collect()
     return point
 
 
@@ -648,8 +643,6 @@ def _window_point(engine: Engine, workload: str, method: str, batch: int, contex
         "throughput_composition": _composition(steady, (start_context or context) + grown, "throughput window"),
         "device_memory": device_memory(),
     }
-    del engine, window, timed, steady, compiled
-    gc.collect()                       # an engine left in a reference cycle (a traceback) frees its KV pool
     return point
 
 
@@ -660,8 +653,6 @@ def _sync_window(engine: Engine, batch: int, context: float, config: BenchConfig
     window = engine.metrics.steps[config.k + 2:]
     grown = sum(s.emitted_tokens for s in engine.metrics.steps[:config.k + 2]) / batch
     result = _device_window(window, context + grown + sum(s.emitted_tokens for s in window) / batch / 2)
-    del engine, window
-    gc.collect()
     return result
 
 
@@ -756,6 +747,9 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
         except Exception as error:                 # noqa: BLE001 - one failed point must not lose the others
             result["failed"].append({"point": label, "error": f"{type(error).__name__}: {error}"[:2000]})
             log(f"FAILED {label}: {type(error).__name__}: {error}")
+            point = None
+        if point is None:
+            # Outside the handler, whose exception keeps its traceback's frames (and an engine in them) reachable.
             gc.collect()
             return
         result["points"].append(point)
@@ -812,7 +806,6 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
                     measure(f"real B{batch} {method}", lambda: run_real_point(model, batch_ids, method, config, log),
                             model.config, DTYPES[config.real_dtype])
             del model
-            gc.collect()
         else:
             cfg = SHAPE_CHOICES[config.shape]
             params = random_params(cfg, seed=config.seed, dtype=jnp.bfloat16)
@@ -828,6 +821,5 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
                                 lambda: run_shaped_point(cfg, params, batch, context, method, config),
                                 cfg, jnp.bfloat16)
             del params
-            gc.collect()
     update()
     return result

@@ -41,7 +41,16 @@ def place_at_context(engine: Engine, batch: int, context: int, new_tokens: int, 
 def random_kv(kv: KVCache, seed: int) -> KVCache:
     """A pool of the same shape, dtype and sharding filled with random values, generated in place on its
     devices (a tensor-parallel pool never exists whole on one device)."""
-    sharding, shape, dtype = kv.k.sharding, kv.k.shape, kv.k.dtype
+    fill = _pool_filler(kv.k.shape, kv.k.dtype, kv.k.sharding)
+    kv.k.delete()                                   # free the old pool before the new one exists
+    kv.v.delete()
+    k, v = fill(jax.random.key(seed))
+    return KVCache(k=k, v=v, page_size=kv.page_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _pool_filler(shape: tuple[int, ...], dtype, sharding):
+    """The jitted fill of one pool layout, kept so every engine of that layout reuses its compiled program."""
 
     @functools.partial(jax.jit, out_shardings=(sharding, sharding))
     def fill(key):
@@ -53,7 +62,4 @@ def random_kv(kv: KVCache, seed: int) -> KVCache:
         return (jax.lax.map(layer, jax.random.split(key_k, shape[0])),
                 jax.lax.map(layer, jax.random.split(key_v, shape[0])))
 
-    kv.k.delete()                                   # free the old pool before the new one exists
-    kv.v.delete()
-    k, v = fill(jax.random.key(seed))
-    return KVCache(k=k, v=v, page_size=kv.page_size)
+    return fill
