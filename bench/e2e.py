@@ -22,7 +22,9 @@ What is measured, in this order (the time budget stops launching points after 48
    (4096 tokens at batch 64 took ~4 minutes per method on the H200, compile included).
 
 Copy bandwidth (jitted x*2 over 2 GiB) is measured first; bytes per step / bandwidth gives each point's
-roofline. Writes bench/results/<name>.{json,md} and PNG plots, prints the markdown (table last).
+roofline. Writes bench/results/<name>.{json,md} and PNG plots, prints the markdown (table last). Add `--resume`
+in the next device call to continue a report the time budget cut short (or to add the other workload to it):
+the points it holds stay, the rest run.
 
 On the GPU machine the embedded GGUF is carried in two parts (scripts/gpu/receive_model.sh); pass its path:
 

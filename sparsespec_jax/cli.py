@@ -173,6 +173,9 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget-s", type=float, default=None, help="start no new point after this")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="report directory")
     parser.add_argument("--name", default="e2e", help="report file stem")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue <out>/<name>.json (same device and settings; workloads, methods and the "
+                             "time budget may differ): its points stay, the missing, skipped and failed ones run")
 
 
 def sampling_from_args(args, overrides: dict[str, Any] | None = None):
@@ -420,8 +423,8 @@ BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "rece
 
 def run_bench(args) -> int:
     """Run the side-by-side benchmark, write its report, print the markdown last."""
-    from sparsespec_jax.benchmark.e2e import (BenchConfig, parse_replay, replay_from_report, run_benchmark,
-                                              smoke_config)
+    from sparsespec_jax.benchmark.e2e import (BenchConfig, parse_replay, replay_from_report, resume_result,
+                                              run_benchmark, smoke_config)
     from sparsespec_jax.benchmark.report import write_report
     from sparsespec_jax.xla_flags import quick_compiles
 
@@ -441,10 +444,22 @@ def run_bench(args) -> int:
     def save(result: dict, plots: bool = False) -> dict:
         return write_report({**result, "args": flags}, args.out, args.name, plots=plots)
 
+    resume = None
+    if args.resume:
+        path = args.out / f"{args.name}.json"
+        if path.is_file():
+            try:
+                report = json.loads(path.read_text())
+            except ValueError as error:
+                raise ValueError(f"--resume: {path} is not a JSON report ({error})") from None
+            resume = resume_result(report, config, command, str(path))
+        else:
+            print(f"--resume: no report at {path} yet, starting one", file=sys.stderr)
+
     # The smoke run's tiny models compile for longer than they run.
     with quick_compiles() if args.smoke else contextlib.nullcontext():
         result = run_benchmark(config, command=command, log=lambda line: print(line, file=sys.stderr, flush=True),
-                               on_point=save)
+                               on_point=save, resume=resume)
     paths = save(result, plots=True)
     print(paths["markdown"].read_text())
     print(f"report: {', '.join(str(path) for path in paths.values())}")

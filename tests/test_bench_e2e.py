@@ -1,4 +1,5 @@
-"""`sparsespec bench`: the smoke run writes a well-formed report; roofline and length-integration arithmetic;
+"""`sparsespec bench`: the smoke run writes a well-formed report and resumes one cut short; roofline and
+length-integration arithmetic;
 a timed window refuses a batch that shrank."""
 
 from __future__ import annotations
@@ -29,14 +30,38 @@ def positive(value) -> bool:
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_a_well_formed_report(tmp_path, capsys):
-    # One test, not several sharing a fixture: parallel workers would each run the smoke again.
-    assert main(["bench", "--smoke", "--out", str(tmp_path), "--name", "smoke"]) == EXIT_OK
+def test_smoke_run_writes_a_well_formed_report_and_resumes(tmp_path, capsys, monkeypatch):
+    # One test, not several sharing a fixture: parallel workers would each run the smoke again. The first run
+    # stops after the real workload's points, as a run whose device call ends would; --resume measures the
+    # shaped points into the same report and leaves the real ones as they were.
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    command = ["bench", "--smoke", "--out", str(tmp_path), "--name", "smoke"]
+    with monkeypatch.context() as patch:
+        patch.setattr(e2e, "run_shaped_point", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            main(command)
+    first = json.loads((tmp_path / "smoke.json").read_text())
+    assert [p["workload"] for p in first["points"]] == ["real"] * len(METHODS)
+    capsys.readouterr()
+    assert main([*command, "--resume", "--seed", "5"]) == EXIT_INVALID_JOB         # other settings: refused
+    assert "seed (report 0, now 5)" in capsys.readouterr().err
+
+    assert main([*command, "--resume"]) == EXIT_OK
     printed = capsys.readouterr().out
     assert printed.index("## Targets") < printed.index("## Per point") < printed.index("report: ")
     result = json.loads((tmp_path / "smoke.json").read_text())
+    assert result["points"][:len(METHODS)] == first["points"] and result["copy_bandwidth"] == first["copy_bandwidth"]
+    assert [run["points_kept"] for run in result["resumed"]] == [len(METHODS)]
     check_points(result)
-    check_summary(tmp_path, result, (tmp_path / "smoke.md").read_text())
+    text = (tmp_path / "smoke.md").read_text()
+    assert "Resumed into this report" in text
+    check_summary(tmp_path, result, text)
+    # A complete report resumes to itself.
+    assert main([*command, "--resume"]) == EXIT_OK
+    again = json.loads((tmp_path / "smoke.json").read_text())
+    assert again["points"] == result["points"] and len(again["resumed"]) == 2
 
 
 def check_points(result: dict) -> None:

@@ -714,26 +714,78 @@ def length_curves(points: list[dict], config: BenchConfig) -> list[dict]:
 
 
 # -- the run -------------------------------------------------------------------------------------------------
+RESUMABLE_FIELDS = ("workloads", "methods", "time_budget_s")   # a resumed run may differ from its report in these
+
+
+def point_label(workload: str, batch: int, context: int | None, method: str, config: BenchConfig) -> str:
+    """A point's name in logs and in the skipped / failed lists; also how a resumed run finds it done."""
+    if workload == "shaped":
+        return f"shaped {config.shape} B{batch} L{context} {method}"
+    return f"real B{batch} {method}" if context is None else f"real B{batch} L{context} {method}"
+
+
+def planned_points(config: BenchConfig, workload: str) -> list[tuple[int, int | None, str]]:
+    """(batch, context or None for a whole generation, method) of every point of a workload, in run order."""
+    if workload == "shaped":
+        return [(b, c, m) for b in config.shaped_batch for c in config.contexts for m in config.methods]
+    return [(b, c, m) for b in config.real_batch for c in (config.real_contexts or (None,)) for m in config.methods]
+
+
+def resume_result(report: dict, config: BenchConfig, command: str, source: str) -> dict:
+    """The result a resumed run continues from a report it wrote: the points measured so far and the run's copy
+    bandwidth stay, failed and skipped points are cleared (they run again). The report must come from this device
+    and this configuration; only RESUMABLE_FIELDS may differ, and its workloads and methods become the union."""
+    missing = [key for key in ("config", "device", "points", "copy_bandwidth", "elapsed_s") if key not in report]
+    if missing:
+        raise ValueError(f"--resume: {source} is not a bench report (no {', '.join(missing)})")
+    device = device_description()
+    if report["device"] != device:
+        raise ValueError(f"--resume: {source} was measured on {report['device']}, this run is on {device}; "
+                         "one report holds one device's numbers")
+    now = json.loads(json.dumps(config.as_dict()))
+    differing = [f"{name} (report {report['config'].get(name)!r}, now {value!r})" for name, value in now.items()
+                 if name not in RESUMABLE_FIELDS and report["config"].get(name) != value]
+    if differing:
+        raise ValueError(f"--resume: {source} was measured with other settings: {'; '.join(differing)}")
+    result = {key: report[key] for key in ("title", "device", "date", "command", "attention_backend",
+                                           "burst_steps", "copy_bandwidth", "points", "workloads", "elapsed_s")}
+    result["config"] = {**now, **{name: [v for v in choices if v in report["config"][name] or v in now[name]]
+                                  for name, choices in (("workloads", WORKLOADS), ("methods", METHODS))}}
+    result.update(skipped=[], failed=[], integrated=[],
+                  resumed=[*report.get("resumed", []), {"date": datetime.date.today().isoformat(),
+                                                       "command": command, "points_kept": len(report["points"])}])
+    return result
+
+
 def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], None] = print,
-                  on_point: Callable[[dict], None] | None = None) -> dict:
+                  on_point: Callable[[dict], None] | None = None, resume: dict | None = None) -> dict:
     """Run every requested (workload, batch[, context], method) point; returns the full result (JSON-ready).
-    `on_point(result so far)` runs after every point, so a run cut short still leaves its report behind."""
+    `on_point(result so far)` runs after every point, so a run cut short still leaves its report behind, and
+    `resume` (a result from resume_result) continues it: points measured there are not run again."""
     started = time.perf_counter()
-    result = {"title": "End-to-end throughput: vanilla vs n-gram vs streaming vs pillar",
-              "device": device_description(), "date": datetime.date.today().isoformat(), "command": command,
-              "config": config.as_dict(), "attention_backend": resolve_backend(config.attention_backend),
-              "burst_steps": config.engine_burst_steps("none", sync=False),
-              "points": [], "skipped": [], "failed": [], "workloads": {}, "integrated": [], "elapsed_s": 0.0}
-    result["copy_bandwidth"] = roofline.copy_bandwidth(config.copy_mib << 20)
+    if resume is None:
+        result = {"title": "End-to-end throughput: vanilla vs n-gram vs streaming vs pillar",
+                  "device": device_description(), "date": datetime.date.today().isoformat(), "command": command,
+                  "config": config.as_dict(), "attention_backend": resolve_backend(config.attention_backend),
+                  "burst_steps": config.engine_burst_steps("none", sync=False),
+                  "points": [], "skipped": [], "failed": [], "workloads": {}, "integrated": [], "elapsed_s": 0.0}
+        result["copy_bandwidth"] = roofline.copy_bandwidth(config.copy_mib << 20)
+    else:
+        result = resume
+        log(f"resuming: {len(result['points'])} points measured on {result['date']} stay, with that run's copy "
+            "bandwidth")
     bandwidth = result["copy_bandwidth"]["bytes_per_s"]
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {result['device']}")
+    done = {point_label(p["workload"], p["batch"], p.get("context"), p["method"], config) for p in result["points"]}
+    earlier_s = result["elapsed_s"]
+    every_method = dataclasses.replace(config, methods=tuple(result["config"]["methods"]))
 
     def out_of_time() -> bool:
         return config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s
 
     def update() -> None:
-        result["integrated"] = length_curves(result["points"], config)
-        result["elapsed_s"] = time.perf_counter() - started
+        result["integrated"] = length_curves(result["points"], every_method)
+        result["elapsed_s"] = earlier_s + time.perf_counter() - started
 
     def measure(label: str, run: Callable[[], dict], cfg: ModelConfig, dtype) -> None:
         """One point; a failure (out of device memory, say) is recorded and the run goes on to the next."""
@@ -763,6 +815,11 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
             f"{point['roofline_fraction']:.0%}")
 
     for workload in config.workloads:
+        todo = [(batch, context, method) for batch, context, method in planned_points(config, workload)
+                if point_label(workload, batch, context, method, config) not in done]
+        if not todo:
+            log(f"{workload} workload: every point was measured before")
+            continue
         if workload == "real":
             try:
                 model = load_real_model(config)
@@ -793,33 +850,29 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
                     continue
                 log(f"contexts generated: {real['context_generation']['output_tokens']} tokens in "
                     f"{real['context_generation']['seconds']:.0f} s")
-            for batch in config.real_batch:
-                batch_ids = [ids[i % len(ids)] for i in range(batch)]
-                for context in config.real_contexts:
-                    contexts = ([text[:context] for text in generated[:batch]] if generated is not None
-                                else context_prompts(ids, batch, context))
-                    for method in config.methods:
-                        measure(f"real B{batch} L{context} {method}",
-                                lambda: run_real_context_point(model, contexts, context, method, config),
-                                model.config, DTYPES[config.real_dtype])
-                for method in config.methods if not config.real_contexts else ():
-                    measure(f"real B{batch} {method}", lambda: run_real_point(model, batch_ids, method, config, log),
+            for batch, context, method in todo:
+                label = point_label(workload, batch, context, method, config)
+                if context is None:
+                    batch_ids = [ids[i % len(ids)] for i in range(batch)]
+                    measure(label, lambda: run_real_point(model, batch_ids, method, config, log),
                             model.config, DTYPES[config.real_dtype])
+                    continue
+                contexts = ([text[:context] for text in generated[:batch]] if generated is not None
+                            else context_prompts(ids, batch, context))
+                measure(label, lambda: run_real_context_point(model, contexts, context, method, config),
+                        model.config, DTYPES[config.real_dtype])
             del model
         else:
             cfg = SHAPE_CHOICES[config.shape]
             params = random_params(cfg, seed=config.seed, dtype=jnp.bfloat16)
             result["workloads"]["shaped"] = {
                 "shape": config.shape, "dtype": "bfloat16", "random_weights": True, "replayed": True,
-                "replay": {m: config.replay_description(m) for m in config.methods},
+                "replay": {m: config.replay_description(m) for m in every_method.methods},
                 "contexts": list(config.contexts), "warmup": config.warmup, "steps": config.steps,
                 "sync_steps": config.sync_steps}
-            for batch in config.shaped_batch:
-                for context in config.contexts:
-                    for method in config.methods:
-                        measure(f"shaped {config.shape} B{batch} L{context} {method}",
-                                lambda: run_shaped_point(cfg, params, batch, context, method, config),
-                                cfg, jnp.bfloat16)
+            for batch, context, method in todo:
+                measure(point_label(workload, batch, context, method, config),
+                        lambda: run_shaped_point(cfg, params, batch, context, method, config), cfg, jnp.bfloat16)
             del params
     update()
     return result

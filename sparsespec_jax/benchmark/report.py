@@ -202,6 +202,10 @@ def markdown(result: dict, targets: list[dict]) -> str:
              + ". Copy bandwidth (jitted x*2 over "
              f"{result['copy_bandwidth']['array_bytes'] / 2 ** 20:.0f} MiB, 2 x bytes / median time): "
              f"{result['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s. Run time {result['elapsed_s']:.0f} s.", ""]
+    if result.get("resumed"):
+        lines[-1:] = ["Resumed into this report (the copy bandwidth above serves every point): " + "; ".join(
+            f"{run['date']}, `{run['command']}`, after {run['points_kept']} points" for run in result["resumed"])
+            + ".", ""]
     real, shaped = result["workloads"].get("real"), result["workloads"].get("shaped")
     if real and real.get("contexts"):
         generation = real.get("context_generation")
