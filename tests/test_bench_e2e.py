@@ -1,6 +1,5 @@
 """`sparsespec bench`: the smoke run writes a well-formed report and resumes one cut short; roofline and
-length-integration arithmetic;
-a timed window refuses a batch that shrank."""
+length-integration arithmetic; a timed window refuses a batch that shrank."""
 
 from __future__ import annotations
 
