@@ -1,0 +1,27 @@
+"""bench/sampling_cuts.py runs and reports every cut at every size, each against the no-cut time."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import sampling_cuts  # noqa: E402
+
+
+def test_every_cut_is_timed_at_every_vocabulary(tmp_path):
+    out = tmp_path / "cuts.md"
+    table = sampling_cuts.main(["--rows", "6", "--vocab", "300", "1000", "--reps", "3", "--out", str(out)])
+    assert out.read_text() == table
+    rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row.split(" | ")[0] for row in rows] == ["| 300", "| 1000"]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")[1:]
+        none, top_p, top_k_top_p = (float(cell.split()[0]) for cell in cells)
+        assert none > 0 and top_p > 0 and top_k_top_p > 0
+        ratios = [float(re.search(r"\(([\d.]+)x\)", cell).group(1)) for cell in cells[1:]]
+        assert ratios == pytest.approx([top_p / none, top_k_top_p / none], rel=0.05, abs=0.06)   # shown rounded
