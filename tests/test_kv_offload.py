@@ -68,6 +68,7 @@ def test_power_of_two_groups():
 
 
 @pytest.mark.slow
+@pytest.mark.extended         # CI keeps the step's own compile flags (test_engine)
 def test_iterations_that_compile_offload_or_restore_programs_are_flagged():
     """Every iteration during which XLA compiled anything (the step, or the gather / scatter / draft-set
     programs of a first offload and restore) is flagged `compiled`, so timed windows leave it out."""
