@@ -423,8 +423,8 @@ BENCH_FIELDS = ("workloads", "methods", "k", "budget_ratio", "min_budget", "rece
 
 def run_bench(args) -> int:
     """Run the side-by-side benchmark, write its report, print the markdown last."""
-    from sparsespec_jax.benchmark.e2e import (BenchConfig, parse_replay, replay_from_report, resume_result,
-                                              run_benchmark, smoke_config)
+    from sparsespec_jax.benchmark.e2e import (BenchConfig, parse_replay, read_report, replay_from_report,
+                                              resume_result, run_benchmark, smoke_config)
     from sparsespec_jax.benchmark.report import write_report
     from sparsespec_jax.xla_flags import quick_compiles
 
@@ -448,11 +448,7 @@ def run_bench(args) -> int:
     if args.resume:
         path = args.out / f"{args.name}.json"
         if path.is_file():
-            try:
-                report = json.loads(path.read_text())
-            except ValueError as error:
-                raise ValueError(f"--resume: {path} is not a JSON report ({error})") from None
-            resume = resume_result(report, config, command, str(path))
+            resume = resume_result(read_report(path, "--resume"), config, command, str(path))
         else:
             print(f"--resume: no report at {path} yet, starting one", file=sys.stderr)
 

@@ -14,7 +14,8 @@ import pytest
 
 from sparsespec_jax.benchmark import e2e, report, roofline
 from sparsespec_jax.benchmark.e2e import (METHODS, BenchConfig, context_prompts, integrate_over_output_length,
-                                          parse_replay, read_prompts, replay_from_report, smoke_config)
+                                          parse_replay, read_prompts, read_report, replay_from_report,
+                                          smoke_config)
 from sparsespec_jax.cli import EXIT_INVALID_JOB, EXIT_OK, main
 from sparsespec_jax.config import ModelConfig
 from sparsespec_jax.model import random_params
@@ -233,6 +234,9 @@ def test_each_method_replays_its_own_acceptance_from_a_real_report(tmp_path):
         replay_from_report(path, ("pillar",), k=8)
     with pytest.raises(ValueError, match="missing.json: cannot read"):
         replay_from_report(tmp_path / "missing.json", ("pillar",), k=2)
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="--resume .*list.json: not a report"):
+        read_report(tmp_path / "list.json", "--resume")
     with pytest.raises(ValueError, match="replay_sources: 'ngram'"):
         smoke_config(replay_sources={"ngram": "somewhere"})
 

@@ -236,18 +236,26 @@ def parse_replay(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
     return out
 
 
+def read_report(path: str | Path, flag: str) -> dict:
+    """A bench report's JSON, for the flag that names it (--replay-from, --resume)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{flag} {path}: cannot read a report JSON ({error})") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{flag} {path}: not a report (a JSON object)")
+    return report
+
+
 def replay_from_report(path: Path, methods: Sequence[str], k: int) -> tuple[dict, dict]:
     """Each draft method's accepted-draft distribution as measured by a real-workload report (the JSON a
     `sparsespec bench --workload real` run writes), pooled over that method's points in it, and a description
     of where each came from. Shaped runs can so replay every method's own real acceptance rather than one
     distribution for all, which would compare the methods' costs only."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--replay-from {path}: cannot read a report JSON ({error})") from None
+    report = read_report(path, "--replay-from")
     counts: dict[str, list[int]] = {}
     points: dict[str, list[str]] = {}
-    for point in report.get("points", []) if isinstance(report, dict) else []:
+    for point in report.get("points", []):
         method, histogram = point.get("method"), point.get("acceptance_histogram")
         if point.get("workload") != "real" or method in (None, "none") or not histogram:
             continue
@@ -717,7 +725,7 @@ def length_curves(points: list[dict], config: BenchConfig) -> list[dict]:
 RESUMABLE_FIELDS = ("workloads", "methods", "time_budget_s")   # a resumed run may differ from its report in these
 
 
-def point_label(workload: str, batch: int, context: int | None, method: str, config: BenchConfig) -> str:
+def measure_label(workload: str, batch: int, context: int | None, method: str, config: BenchConfig) -> str:
     """A point's name in logs and in the skipped / failed lists; also how a resumed run finds it done."""
     if workload == "shaped":
         return f"shaped {config.shape} B{batch} L{context} {method}"
@@ -776,7 +784,7 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
             "bandwidth")
     bandwidth = result["copy_bandwidth"]["bytes_per_s"]
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {result['device']}")
-    done = {point_label(p["workload"], p["batch"], p.get("context"), p["method"], config) for p in result["points"]}
+    done = {measure_label(p["workload"], p["batch"], p.get("context"), p["method"], config) for p in result["points"]}
     earlier_s = result["elapsed_s"]
     every_method = dataclasses.replace(config, methods=tuple(result["config"]["methods"]))
 
@@ -816,7 +824,7 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
 
     for workload in config.workloads:
         todo = [(batch, context, method) for batch, context, method in planned_points(config, workload)
-                if point_label(workload, batch, context, method, config) not in done]
+                if measure_label(workload, batch, context, method, config) not in done]
         if not todo:
             log(f"{workload} workload: every point was measured before")
             continue
@@ -851,7 +859,7 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
                 log(f"contexts generated: {real['context_generation']['output_tokens']} tokens in "
                     f"{real['context_generation']['seconds']:.0f} s")
             for batch, context, method in todo:
-                label = point_label(workload, batch, context, method, config)
+                label = measure_label(workload, batch, context, method, config)
                 if context is None:
                     batch_ids = [ids[i % len(ids)] for i in range(batch)]
                     measure(label, lambda: run_real_point(model, batch_ids, method, config, log),
@@ -871,7 +879,7 @@ def run_benchmark(config: BenchConfig, command: str = "", log: Callable[[str], N
                 "contexts": list(config.contexts), "warmup": config.warmup, "steps": config.steps,
                 "sync_steps": config.sync_steps}
             for batch, context, method in todo:
-                measure(point_label(workload, batch, context, method, config),
+                measure(measure_label(workload, batch, context, method, config),
                         lambda: run_shaped_point(cfg, params, batch, context, method, config), cfg, jnp.bfloat16)
             del params
     update()
