@@ -161,6 +161,8 @@ def test_static_cuts_match_the_general_path_and_no_cut_branches_on_device(monkey
     cases = {"none": (np.array([0.0, 0.7, 1.2, 0.0, 0.9]), np.array([0, 0, 0, 3, 0]), np.ones(5)),
              "top_p": (np.array([0.7, 1.0, 0.0, 1.3, 0.8]), np.array([0, 0, 40, 0, 0]),
                        np.array([1.0, 0.6, 0.3, 0.9, 1.0])),
+             "small_top_k": (np.array([0.7, 1.0, 0.0, 1.3, 0.8]), np.array([1, 40, 0, 64, 7]),
+                             np.array([1.0, 0.6, 0.3, 0.9, 1.0])),
              "top_k_top_p": (np.array([0.7, 1.0, 0.0, 1.3, 0.8]), np.array([1, 40, 0, vocab + 1, 7]),
                              np.array([1.0, 0.6, 0.3, 0.9, 1.0]))}
     for cut, (temperature, top_k, top_p) in cases.items():
@@ -173,11 +175,44 @@ def test_static_cuts_match_the_general_path_and_no_cut_branches_on_device(monkey
                 static = jax.jit(lambda *a, cut: processed_log_probs(*a, cut=cut), static_argnames="cut")
                 np.testing.assert_array_equal(np.asarray(static(*args, cut=cut)), np.asarray(processed(*args)))
                 program = static.lower(*args, cut=cut).as_text()
-            assert "case" not in program and "sort" not in program
-            loops = 0 if unrolled else {"none": 0, "top_p": 1, "top_k_top_p": 2}[cut]
+            assert "stablehlo.case" not in program and "stablehlo.sort" not in program
+            loops = 0 if unrolled else {"none": 0, "top_p": 1, "small_top_k": 0, "top_k_top_p": 2}[cut]
             assert program.count("while") == program.count("stablehlo.while") == loops, (cut, unrolled)
     assert truncation_cut(np.array([0.6]), np.array([0]), np.array([0.95])) == "top_p"
     assert truncation_cut(np.array([0.6, 0.0]), np.array([0, 20]), np.array([0.95, 1.0])) == "top_p"   # greedy row
+    assert truncation_cut(np.array([0.6, 0.6]), np.array([20, 0]), np.array([0.95, 1.0])) == "small_top_k"
+    assert truncation_cut(np.array([0.6, 0.6]), np.array([20, 0]), np.array([0.95, 0.9])) == "top_k_top_p"
+    assert truncation_cut(np.array([0.6, 0.0]), np.array([20, 65]), np.array([0.95, 1.0])) == "small_top_k"
+    assert truncation_cut(np.array([0.6, 0.6]), np.array([20, 65]), np.array([0.95, 1.0])) == "top_k_top_p"
+
+
+@pytest.mark.parametrize("vocab", [40, 5 * 128, 9000])
+def test_small_top_k_cut_matches_reference_with_ties_past_its_list(vocab):
+    """The "small_top_k" cut reads both cuts off a row's 64 largest values, found through chunk maxima: exact
+    for any vocabulary size (a partial last chunk, fewer values than the list), over middle axes, and when
+    the k-th value's ties run past the list (they count whole in the top-k mass)."""
+    rng = np.random.default_rng(7)
+    rows = 6
+    logits = (rng.normal(size=(rows, 2, vocab)) * np.array([6.0, 0.1, 2.0, 1.0, 0.3, 0.5])[:, None, None])
+    logits = logits.astype(np.float32)
+    for middle in range(2):              # 10 tokens at 3, the rest of the top 30 and more tied at 2, all spread
+        spread = rng.permutation(vocab)
+        logits[4, middle, spread[:10]] = 3.0
+        logits[4, middle, spread[10:10 + min(200, vocab // 2)]] = 2.0
+    logits[5, 0, :] = 0.25                                     # a row of one value: every token ties the k-th
+    temperature = np.array([0.6, 1.0, 0.8, 1.2, 0.7, 1.0])
+    top_k = np.array([20, 64, 1, 50, 30, 10])
+    top_p = np.array([0.95, 0.5, 0.9, 1.0, 0.3, 0.7])
+    assert truncation_cut(temperature, top_k, top_p) == "small_top_k"
+    args = tuple(jnp.asarray(a, d) for a, d in
+                 zip((logits, temperature, top_k, top_p), (jnp.float32, jnp.float32, jnp.int32, jnp.float32)))
+    static = jax.jit(lambda *a: processed_log_probs(*a, cut="small_top_k"))(*args)
+    np.testing.assert_array_equal(np.asarray(static), np.asarray(processed(*args)))
+    check_against_reference(logits, temperature, top_k, top_p)
+    kept = (np.asarray(static) > -np.inf).sum(-1)
+    assert kept[5, 0] == vocab                                 # every tie of the k-th value kept
+    if vocab >= 640:           # the k-th value's 200 ties run past the list; by their mass the nucleus keeps them
+        assert np.all(kept[4] == 210)
 
 
 def test_temperature_zero_is_the_argmax_point_mass():
