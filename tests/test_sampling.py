@@ -206,10 +206,12 @@ def test_small_top_k_cut_matches_reference_with_ties_past_its_list(vocab):
     assert truncation_cut(temperature, top_k, top_p) == "small_top_k"
     args = tuple(jnp.asarray(a, d) for a, d in
                  zip((logits, temperature, top_k, top_p), (jnp.float32, jnp.float32, jnp.int32, jnp.float32)))
-    static = jax.jit(lambda *a: processed_log_probs(*a, cut="small_top_k"))(*args)
-    np.testing.assert_array_equal(np.asarray(static), np.asarray(processed(*args)))
+    static = np.asarray(jax.jit(lambda *a: processed_log_probs(*a, cut="small_top_k"))(*args))
+    general = np.asarray(processed(*args))        # the search: same support; a GPU may fuse the softmax apart
+    np.testing.assert_array_equal(static > -np.inf, general > -np.inf)
+    np.testing.assert_allclose(np.exp(static), np.exp(general), rtol=1e-6, atol=1e-9)
     check_against_reference(logits, temperature, top_k, top_p)
-    kept = (np.asarray(static) > -np.inf).sum(-1)
+    kept = (static > -np.inf).sum(-1)
     assert kept[5, 0] == vocab                                 # every tie of the k-th value kept
     if vocab >= 640:           # the k-th value's 200 ties run past the list; by their mass the nucleus keeps them
         assert np.all(kept[4] == 210)
